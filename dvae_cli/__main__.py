@@ -1,0 +1,3 @@
+from dvae_cli.cli import run
+
+run()

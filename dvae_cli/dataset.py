@@ -1,0 +1,227 @@
+"""The dataset file (`data/prepared/dataset.h5`): the one format every stage after prepare-data reads.
+
+| name | type | shape |
+| images | uint8 | [N, C, H, W], chunked by whole images, compressed |
+| split | uint8 | [N]: 0 train, 1 val, 2 test |
+| labels | int64 | [N], when the source has classes |
+| factors / factor_classes | float32 / int64 | [N, F], when the source has ground-truth factors |
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import h5py
+import numpy as np
+
+from dvae_cli.errors import UserError
+
+FORMAT = "dvae-dataset"
+FORMAT_VERSION = 1
+SPLIT_NAMES = ("train", "val", "test")
+TRAIN, VAL, TEST = 0, 1, 2
+IMAGES_PER_CHUNK = 64
+COMPRESSION = "gzip"
+COMPRESSION_LEVEL = 1
+
+
+@dataclass(frozen=True)
+class DatasetInfo:
+    """What a dataset file says about itself (its attributes)."""
+
+    source: str
+    image_size: int
+    channels: int
+    num_classes: int = 0
+    class_names: tuple[str, ...] = ()
+    factor_names: tuple[str, ...] = ()
+    factor_sizes: tuple[int, ...] = ()
+
+    @property
+    def has_labels(self) -> bool:
+        return self.num_classes > 0
+
+    @property
+    def has_factors(self) -> bool:
+        return len(self.factor_names) > 0
+
+
+@dataclass
+class DatasetChunk:
+    """Consecutive rows of a dataset, as a source delivers them."""
+
+    images: np.ndarray
+    labels: np.ndarray | None = None
+    factors: np.ndarray | None = None
+    factor_classes: np.ndarray | None = None
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+
+class DatasetWriter:
+    """Streams chunks into a new dataset file; `finish` writes the split and the attributes."""
+
+    def __init__(self, path: Path, info: DatasetInfo, params: dict[str, Any]) -> None:
+        self.info = info
+        self.file = h5py.File(path, "w")
+        shape = (info.channels, info.image_size, info.image_size)
+        self.images = self.file.create_dataset(
+            "images", shape=(0, *shape), maxshape=(None, *shape), dtype=np.uint8,
+            chunks=(IMAGES_PER_CHUNK, *shape), compression=COMPRESSION, compression_opts=COMPRESSION_LEVEL)
+        self.labels = self._rows("labels", (), np.int64) if info.has_labels else None
+        num_factors = len(info.factor_names)
+        self.factors = self._rows("factors", (num_factors,), np.float32) if info.has_factors else None
+        self.factor_classes = self._rows("factor_classes", (num_factors,), np.int64) if info.has_factors else None
+        self.params = params
+        self.num_rows = 0
+
+    def _rows(self, name: str, row_shape: tuple[int, ...], dtype: Any) -> h5py.Dataset:
+        return self.file.create_dataset(name, shape=(0, *row_shape), maxshape=(None, *row_shape), dtype=dtype,
+                                        chunks=(4096, *row_shape), compression=COMPRESSION,
+                                        compression_opts=COMPRESSION_LEVEL)
+
+    def append(self, chunk: DatasetChunk) -> None:
+        start, stop = self.num_rows, self.num_rows + len(chunk)
+        for dataset, rows in ((self.images, chunk.images), (self.labels, chunk.labels),
+                              (self.factors, chunk.factors), (self.factor_classes, chunk.factor_classes)):
+            if dataset is not None:
+                dataset.resize(stop, axis=0)
+                dataset[start:stop] = rows
+        self.num_rows = stop
+
+    def finish(self, split: np.ndarray) -> None:
+        if len(split) != self.num_rows:
+            raise ValueError(f"split has {len(split)} rows for {self.num_rows} images")
+        self.file.create_dataset("split", data=split.astype(np.uint8), chunks=True, compression=COMPRESSION,
+                                 compression_opts=COMPRESSION_LEVEL)
+        info = self.info
+        attrs = self.file.attrs
+        attrs["format"] = FORMAT
+        attrs["format_version"] = FORMAT_VERSION
+        attrs["source"] = info.source
+        attrs["image_size"] = info.image_size
+        attrs["channels"] = info.channels
+        attrs["num_classes"] = info.num_classes
+        attrs["class_names"] = json.dumps(list(info.class_names))
+        attrs["factor_names"] = json.dumps(list(info.factor_names))
+        attrs["factor_sizes"] = json.dumps(list(info.factor_sizes))
+        attrs["params"] = json.dumps(self.params, sort_keys=True)
+        self.file.close()
+
+    def close(self) -> None:
+        if self.file.id.valid:
+            self.file.close()
+
+
+class DatasetFile:
+    """A validated, open dataset file. Small per-row arrays are read eagerly; images on demand."""
+
+    def __init__(self, path: Path | str) -> None:
+        self.path = Path(path)
+        self.file = open_hdf5(self.path, FORMAT, FORMAT_VERSION, "dataset", "dvae prepare-data")
+        try:
+            self.info, self.num_images = self._validate()
+        except BaseException:
+            self.file.close()
+            raise
+        self.split = self.file["split"][:]
+        self.labels = self.file["labels"][:] if "labels" in self.file else None
+        self.factors = self.file["factors"][:] if "factors" in self.file else None
+        self.factor_classes = self.file["factor_classes"][:] if "factor_classes" in self.file else None
+        self.params = json.loads(self.file.attrs.get("params", "{}"))
+
+    def _validate(self) -> tuple[DatasetInfo, int]:
+        file, path = self.file, self.path
+        broken = UserError(f"{path} is an incomplete or damaged dataset file; re-run `dvae prepare-data`")
+        if "images" not in file or "split" not in file:
+            raise broken
+        images = file["images"]
+        attrs = file.attrs
+        try:
+            info = DatasetInfo(
+                source=str(attrs["source"]), image_size=int(attrs["image_size"]), channels=int(attrs["channels"]),
+                num_classes=int(attrs["num_classes"]), class_names=tuple(json.loads(attrs["class_names"])),
+                factor_names=tuple(json.loads(attrs["factor_names"])),
+                factor_sizes=tuple(json.loads(attrs["factor_sizes"])))
+        except (KeyError, ValueError, TypeError):
+            raise broken from None
+        n = images.shape[0]
+        expected = (n, info.channels, info.image_size, info.image_size)
+        if images.dtype != np.uint8 or images.shape != expected or file["split"].shape != (n,):
+            raise broken
+        for name in ("labels", "factors", "factor_classes"):
+            if name in file and file[name].shape[0] != n:
+                raise broken
+        if n == 0:
+            raise UserError(f"{path} holds no images; re-run `dvae prepare-data` with a source that has images")
+        try:
+            images[n - 1]
+            file["split"][n - 1]
+        except (OSError, RuntimeError, KeyError):
+            raise broken from None
+        return info, n
+
+    def indices(self, split: int) -> np.ndarray:
+        return np.flatnonzero(self.split == split)
+
+    def evaluation_split(self) -> int:
+        """The test split, or val when there is no test split."""
+        for split in (TEST, VAL):
+            if (self.split == split).any():
+                return split
+        raise UserError(f"{self.path} has no test or val images; prepare it with a non-zero test or val fraction")
+
+    def read_images(self, indices: np.ndarray | None = None, block: int = 16384) -> np.ndarray:
+        """uint8 [n, C, H, W] for sorted row `indices` (all rows when None), read block by block."""
+        images = self.file["images"]
+        if indices is None:
+            return images[:]
+        if np.any(np.diff(indices) <= 0):
+            raise ValueError("indices must be sorted, unique and in range")
+        out = np.empty((len(indices), *images.shape[1:]), dtype=np.uint8)
+        written = 0
+        for start in range(0, self.num_images, block):
+            stop = min(start + block, self.num_images)
+            in_block = indices[(indices >= start) & (indices < stop)]
+            if len(in_block):
+                rows = images[start:stop]
+                out[written:written + len(in_block)] = rows[in_block - start]
+                written += len(in_block)
+        if written != len(indices):
+            raise ValueError("indices must be sorted, unique and in range")
+        return out
+
+    def close(self) -> None:
+        self.file.close()
+
+    def __enter__(self) -> DatasetFile:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def open_hdf5(path: Path, expected_format: str, expected_version: int, what: str, maker: str) -> h5py.File:
+    """Open an HDF5 file of dvae's `expected_format`, turning every way it can be wrong into a UserError."""
+    if not path.exists():
+        raise UserError(f"{what} file {path} not found; create it with `{maker}`")
+    try:
+        file = h5py.File(path, "r")
+    except OSError:
+        raise UserError(f"{path} is not a readable HDF5 file (truncated or not HDF5); re-create it with `{maker}`") from None
+    found = file.attrs.get("format")
+    if found != expected_format:
+        file.close()
+        described = f"format {found!r}" if found is not None else "no dvae format attribute"
+        raise UserError(f"{path} is not a dvae {what} file ({described}); pass a file made by `{maker}`")
+    version = int(file.attrs.get("format_version", -1))
+    if version != expected_version:
+        file.close()
+        raise UserError(f"{path} has {what} format version {version}, this dvae reads version {expected_version}; "
+                        f"re-create it with `{maker}`")
+    return file
+

@@ -1,0 +1,14 @@
+"""The two kinds of failure dvae distinguishes: user mistakes (exit 2) and bugs (exit 1)."""
+
+from __future__ import annotations
+
+
+class UserError(Exception):
+    """A mistake the user can fix: bad params, missing or foreign files, mismatched model and data.
+
+    The message is one line that says what is wrong and what to do; the CLI prints it and exits with 2.
+    """
+
+
+class TrainingDiverged(UserError):
+    """The loss became NaN or infinite; the last good checkpoint is kept."""

@@ -1,0 +1,88 @@
+"""`dvae prepare-data`: a source → subset → split → the dataset file, streamed and atomic."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+
+from dvae_cli.config import Params
+from dvae_cli.dataset import SPLIT_NAMES, TEST, TRAIN, VAL, DatasetInfo, DatasetWriter
+from dvae_cli.errors import UserError
+from dvae_cli.files import atomic_path
+from dvae_cli.progress import progress_bar
+from dvae_cli.sources import open_source
+
+ROWS_PER_READ = 8192
+
+
+@dataclass(frozen=True)
+class PrepareSummary:
+    path: Path
+    info: DatasetInfo
+    split_counts: dict[str, int]
+    skipped: int
+    file_bytes: int
+    seconds: float
+
+
+def select_subset(num_rows: int, subset: int | float | None, rng: np.random.Generator) -> np.ndarray:
+    """Sorted row indices of a seeded random subset: all rows, a count, or a fraction in (0, 1]."""
+    if subset is None:
+        return np.arange(num_rows)
+    count = subset if isinstance(subset, int) else max(1, round(subset * num_rows))
+    if count >= num_rows:
+        return np.arange(num_rows)
+    return np.sort(rng.choice(num_rows, size=count, replace=False))
+
+
+def assign_split(num_rows: int, fractions: list[float], rng: np.random.Generator,
+                 official: np.ndarray | None) -> np.ndarray:
+    """uint8 [num_rows] of 0/1/2 (train/val/test).
+
+    Without an official split the rows are shuffled and cut by `fractions`; with one, its test rows stay
+    test and val is carved from its train rows in the ratio fractions[1] : fractions[0].
+    """
+    if official is None:
+        split = np.full(num_rows, TEST, dtype=np.uint8)
+        order = rng.permutation(num_rows)
+        num_train = round(fractions[0] * num_rows)
+        num_val = round(fractions[1] * num_rows)
+        split[order[:num_train]] = TRAIN
+        split[order[num_train:num_train + num_val]] = VAL
+        return split
+    split = official.astype(np.uint8).copy()
+    train_rows = np.flatnonzero(split == TRAIN)
+    num_val = round(fractions[1] / (fractions[0] + fractions[1]) * len(train_rows))
+    split[rng.permutation(train_rows)[:num_val]] = VAL
+    return split
+
+
+def prepare_data(params: Params, out: Path, show_progress: bool = True) -> PrepareSummary:
+    started = time.perf_counter()
+    source = open_source(params.data)
+    subset_rng, split_rng = (np.random.default_rng(seed) for seed in np.random.SeedSequence(params.seed).spawn(2))
+    rows = select_subset(len(source), params.data.subset, subset_rng)
+    produced_by = {"seed": params.seed, "data": asdict(params.data)}
+    with atomic_path(out) as tmp:
+        writer = DatasetWriter(tmp, source.info, produced_by)
+        try:
+            with progress_bar(f"prepare {params.data.dataset}", len(rows), enabled=show_progress) as advance:
+                for start in range(0, len(rows), ROWS_PER_READ):
+                    batch = rows[start:start + ROWS_PER_READ]
+                    writer.append(source.read(batch))
+                    advance(len(batch))
+            if writer.num_rows == 0:
+                raise UserError(f"none of the {len(rows)} images of {params.data.root} could be read; "
+                                "check that data.root holds image files")
+            official = source.official_split()
+            split = assign_split(writer.num_rows, params.data.split, split_rng,
+                                 None if official is None else official[rows])
+            writer.finish(split)
+        finally:
+            writer.close()
+    counts = {name: int((split == i).sum()) for i, name in enumerate(SPLIT_NAMES)}
+    return PrepareSummary(path=out, info=source.info, split_counts=counts, skipped=source.skipped,
+                          file_bytes=out.stat().st_size, seconds=time.perf_counter() - started)

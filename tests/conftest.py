@@ -1,0 +1,95 @@
+"""Shared fixtures: params files, tiny image folders and a fake MNIST, all generated in tmp_path."""
+
+from __future__ import annotations
+
+import struct
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import yaml
+from PIL import Image
+
+IDX_UBYTE_IMAGES = 0x0803
+IDX_UBYTE_LABELS = 0x0801
+
+
+def save_png(path: Path, pixels: np.ndarray) -> Path:
+    """uint8 [H, W] (grayscale) or [H, W, 3] (RGB) → a PNG at `path`."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(np.asarray(pixels, dtype=np.uint8)).save(path)
+    return path
+
+
+@pytest.fixture
+def write_params(tmp_path: Path) -> Callable[..., Path]:
+    """write_params(**sections) writes tmp_path/params.yaml from the given top-level sections and returns its path."""
+
+    def write(**sections: Any) -> Path:
+        path = tmp_path / "params.yaml"
+        path.write_text(yaml.safe_dump(sections, sort_keys=False))
+        return path
+
+    return write
+
+
+@pytest.fixture
+def png_writer() -> Callable[[Path, np.ndarray], Path]:
+    return save_png
+
+
+@pytest.fixture
+def image_folder(tmp_path: Path) -> Path:
+    """Two class folders of solid-gray 12×10 PNGs: cat/ 3 images (gray 10, 20, 30), dog/ 2 images (gray 200, 210)."""
+    root = tmp_path / "images"
+    for name, grays in (("cat", (10, 20, 30)), ("dog", (200, 210))):
+        for i, gray in enumerate(grays):
+            save_png(root / name / f"{i}.png", np.full((10, 12), gray, dtype=np.uint8))
+    return root
+
+
+@pytest.fixture
+def flat_image_folder(tmp_path: Path) -> Path:
+    """Four solid RGB 8×8 PNGs side by side, no class folders."""
+    root = tmp_path / "flat"
+    for i in range(4):
+        save_png(root / f"img{i}.png", np.full((8, 8, 3), 40 * i, dtype=np.uint8))
+    return root
+
+
+@dataclass(frozen=True)
+class FakeMNIST:
+    root: Path
+    train_images: np.ndarray
+    train_labels: np.ndarray
+    test_images: np.ndarray
+    test_labels: np.ndarray
+
+
+def _write_idx_images(path: Path, images: np.ndarray) -> None:
+    path.write_bytes(struct.pack(">IIII", IDX_UBYTE_IMAGES, *images.shape) + images.tobytes())
+
+
+def _write_idx_labels(path: Path, labels: np.ndarray) -> None:
+    path.write_bytes(struct.pack(">II", IDX_UBYTE_LABELS, len(labels)) + labels.astype(np.uint8).tobytes())
+
+
+@pytest.fixture
+def fake_mnist(tmp_path: Path) -> FakeMNIST:
+    """40 train + 10 test random 28×28 digits in torchvision's raw layout (root/MNIST/raw/*-idx?-ubyte)."""
+    rng = np.random.default_rng(7)
+    raw = tmp_path / "mnist-root" / "MNIST" / "raw"
+    raw.mkdir(parents=True)
+    data = FakeMNIST(root=tmp_path / "mnist-root",
+                     train_images=rng.integers(0, 256, (40, 28, 28), dtype=np.uint8),
+                     train_labels=np.arange(40) % 10,
+                     test_images=rng.integers(0, 256, (10, 28, 28), dtype=np.uint8),
+                     test_labels=(np.arange(10) * 3) % 10)
+    _write_idx_images(raw / "train-images-idx3-ubyte", data.train_images)
+    _write_idx_labels(raw / "train-labels-idx1-ubyte", data.train_labels)
+    _write_idx_images(raw / "t10k-images-idx3-ubyte", data.test_images)
+    _write_idx_labels(raw / "t10k-labels-idx1-ubyte", data.test_labels)
+    return data

@@ -1,0 +1,247 @@
+from pathlib import Path
+
+import pytest
+
+from dvae_cli.config import (
+    CapacitySchedule,
+    DataConfig,
+    JointVAEConfig,
+    Params,
+    VQVAEConfig,
+    load_params,
+    parse_set_options,
+    parse_value,
+    to_dict,
+)
+from dvae_cli.errors import UserError
+
+DESIGN_EXAMPLE = {
+    "seed": 0,
+    "models": ["jointvae", "vqvae"],
+    "data": {"dataset": "dsprites", "root": "data/raw", "download": False, "image_size": 64, "channels": 1,
+             "subset": None, "split": [0.8, 0.1, 0.1]},
+    "train": {"device": "auto", "precision": "auto", "compile": False, "checkpoint_every": 1000, "log_every": 50},
+    "jointvae": {"continuous": 6, "discrete": [3], "temperature": 0.67, "likelihood": "bernoulli",
+                 "cont_capacity": {"max": 40.0, "steps": 300000, "gamma": 150.0},
+                 "disc_capacity": {"max": 1.1, "steps": 300000, "gamma": 150.0},
+                 "lr": 5.0e-4, "batch_size": 64, "epochs": 30},
+    "vqvae": {"hidden": 256, "res_blocks": 2, "downsample": 4, "num_codes": 512, "code_dim": 64, "beta": 0.25,
+              "codebook_update": "ema", "ema_decay": 0.99, "init": "kmeans", "dead_code_threshold": 1.0,
+              "likelihood": "gaussian", "lr": 2.0e-4, "batch_size": 128, "epochs": 30},
+    "encode": {"batch_size": 512},
+    "evaluate": {"num_samples": 10000},
+    "render": {"steps": 8, "base_index": 0},
+}
+
+
+def load_error(write_params, **sections) -> str:
+    with pytest.raises(UserError) as error:
+        load_params(write_params(**sections))
+    message = str(error.value)
+    assert "\n" not in message
+    return message
+
+
+# Loading
+
+def test_design_example_loads_into_typed_objects(write_params):
+    params = load_params(write_params(**DESIGN_EXAMPLE))
+    assert params == Params()
+    assert isinstance(params.data, DataConfig)
+    assert isinstance(params.jointvae.cont_capacity, CapacitySchedule)
+    assert params.jointvae.cont_capacity == CapacitySchedule(max=40.0, steps=300000, gamma=150.0)
+    assert isinstance(params.model_config("vqvae"), VQVAEConfig)
+    assert isinstance(params.model_config("jointvae"), JointVAEConfig)
+
+
+def test_missing_keys_take_defaults(write_params):
+    params = load_params(write_params(data={"image_size": 32}))
+    assert params.data.image_size == 32
+    assert params.data.channels == DataConfig().channels
+    assert params.vqvae == VQVAEConfig()
+    assert params.seed == 0
+
+
+def test_empty_params_file_is_all_defaults(tmp_path):
+    path = tmp_path / "params.yaml"
+    path.write_text("")
+    assert load_params(path) == Params()
+
+
+def test_integer_is_accepted_where_a_number_is_expected(write_params):
+    params = load_params(write_params(vqvae={"beta": 1}, jointvae={"cont_capacity": {"max": 5}}))
+    assert params.vqvae.beta == 1.0 and isinstance(params.vqvae.beta, float)
+    assert params.jointvae.cont_capacity.max == 5.0
+    assert params.jointvae.cont_capacity.steps == 300000
+
+
+@pytest.mark.parametrize("subset", [None, 100, 0.25, 1.0])
+def test_subset_takes_null_a_count_or_a_fraction(write_params, subset):
+    params = load_params(write_params(data={"subset": subset}))
+    assert params.data.subset == subset
+    assert type(params.data.subset) is type(subset)
+
+
+def test_to_dict_round_trips(write_params):
+    params = load_params(write_params(seed=3, vqvae={"num_codes": 64}))
+    assert load_params(write_params(**to_dict(params))) == params
+
+
+# Errors: every one names the key and what is allowed
+
+@pytest.mark.parametrize(("sections", "expected"), [
+    ({"sed": 1}, "did you mean `seed`"),
+    ({"data": {"imagesize": 32}}, "did you mean `data.image_size`"),
+    ({"jointvae": {"cont_capacity": {"mx": 1.0}}}, "did you mean `jointvae.cont_capacity.max`"),
+    ({"vqvae": {"num_code": 8}}, "did you mean `vqvae.num_codes`"),
+])
+def test_unknown_key_suggests_the_close_one(write_params, sections, expected):
+    message = load_error(write_params, **sections)
+    assert "unknown key" in message
+    assert expected in message
+
+
+def test_unknown_key_without_close_match_lists_allowed_keys(write_params):
+    message = load_error(write_params, data={"zzz": 1})
+    assert "`data.zzz`" in message
+    for key in ("dataset", "root", "image_size", "channels", "subset", "split"):
+        assert key in message
+
+
+@pytest.mark.parametrize(("sections", "key", "allowed"), [
+    ({"data": {"image_size": "big"}}, "data.image_size", "an integer"),
+    ({"data": {"image_size": 16.0}}, "data.image_size", "an integer"),
+    ({"seed": True}, "seed", "an integer"),
+    ({"data": {"download": "yes"}}, "data.download", "true or false"),
+    ({"vqvae": {"beta": "high"}}, "vqvae.beta", "a number"),
+    ({"data": 5}, "data", "a mapping"),
+    ({"data": {"split": 0.8}}, "data.split", "a list"),
+    ({"jointvae": {"discrete": [3, "x"]}}, "jointvae.discrete[1]", "an integer"),
+    ({"data": {"subset": True}}, "data.subset", "null"),
+])
+def test_wrong_type_names_key_and_expected_type(write_params, sections, key, allowed):
+    message = load_error(write_params, **sections)
+    assert f"`{key}`" in message
+    assert allowed in message
+
+
+@pytest.mark.parametrize(("sections", "key", "allowed"), [
+    ({"data": {"dataset": "imagenet"}}, "data.dataset", "'dsprites' | 'mnist' | 'fashion-mnist'"),
+    ({"data": {"channels": 2}}, "data.channels", "1 | 3"),
+    ({"data": {"channels": 1.0}}, "data.channels", "1 | 3"),
+    ({"models": ["vqvae", "vae"]}, "models[1]", "'jointvae' | 'vqvae'"),
+    ({"train": {"precision": "fp64"}}, "train.precision", "'fp32'"),
+    ({"train": {"device": "gpu"}}, "train.device", "cuda:N"),
+    ({"vqvae": {"codebook_update": "sgd"}}, "vqvae.codebook_update", "'ema' | 'loss'"),
+])
+def test_value_outside_a_choice_names_key_and_choices(write_params, sections, key, allowed):
+    message = load_error(write_params, **sections)
+    assert f"`{key}`" in message
+    assert allowed in message
+
+
+@pytest.mark.parametrize(("sections", "key", "bound"), [
+    ({"data": {"image_size": 2}}, "data.image_size", "≥ 4"),
+    ({"data": {"image_size": 4096}}, "data.image_size", "≤ 1024"),
+    ({"seed": -1}, "seed", "≥ 0"),
+    ({"vqvae": {"ema_decay": 1.0}}, "vqvae.ema_decay", "< 1"),
+    ({"vqvae": {"num_codes": 1}}, "vqvae.num_codes", "≥ 2"),
+    ({"jointvae": {"temperature": 0}}, "jointvae.temperature", "> 0"),
+    ({"jointvae": {"disc_capacity": {"steps": 0}}}, "jointvae.disc_capacity.steps", "≥ 1"),
+    ({"data": {"subset": 0}}, "data.subset", "> 0"),
+    ({"data": {"subset": 1.5}}, "data.subset", "(0, 1]"),
+    ({"data": {"split": [0.5, 0.3]}}, "data.split", "sum to 1"),
+    ({"data": {"split": [0.5, 0.6, -0.1]}}, "data.split", "non-negative"),
+    ({"data": {"split": [0.0, 0.5, 0.5]}}, "data.split", "first fraction > 0"),
+    ({"vqvae": {"downsample": 6}}, "vqvae.downsample", "power of two"),
+    ({"jointvae": {"discrete": [3, 1]}}, "jointvae.discrete[1]", "at least 2"),
+    ({"jointvae": {"continuous": 0, "discrete": []}}, "jointvae.continuous", "at least one dimension"),
+    ({"models": ["vqvae", "vqvae"]}, "models", "twice"),
+])
+def test_out_of_range_names_key_and_range(write_params, sections, key, bound):
+    message = load_error(write_params, **sections)
+    assert f"`{key}`" in message
+    assert bound in message
+
+
+def test_missing_params_file(tmp_path):
+    with pytest.raises(UserError, match="not found; pass --params"):
+        load_params(tmp_path / "nope.yaml")
+
+
+def test_missing_default_params_file_is_allowed_when_asked(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert load_params(Path("params.yaml"), missing_ok=True) == Params()
+
+
+def test_invalid_yaml_names_the_line(tmp_path):
+    path = tmp_path / "params.yaml"
+    path.write_text("seed: 0\ndata:\n  image_size: [64\n")
+    with pytest.raises(UserError, match="not valid YAML at line"):
+        load_params(path)
+
+
+def test_params_file_that_is_not_a_mapping(tmp_path):
+    path = tmp_path / "params.yaml"
+    path.write_text("- seed\n- data\n")
+    with pytest.raises(UserError, match="must be a mapping"):
+        load_params(path)
+
+
+# Overrides: --set and flags, over the file, over the defaults
+
+@pytest.mark.parametrize(("text", "value"), [
+    ("3", 3), ("0.5", 0.5), ("true", True), ("null", None), ("[3, 2]", [3, 2]), ("cuda:1", "cuda:1"),
+    ("mnist", "mnist"), ("[unclosed", "[unclosed"),
+])
+def test_parse_value_reads_yaml_scalars_and_lists(text, value):
+    assert parse_value(text) == value
+
+
+def test_parse_set_options():
+    assert parse_set_options(["vqvae.num_codes=256", "data.split=[0.6, 0.2, 0.2]", "train.device=cuda:0"]) == {
+        "vqvae.num_codes": 256, "data.split": [0.6, 0.2, 0.2], "train.device": "cuda:0"}
+
+
+def test_set_option_without_equals_sign():
+    with pytest.raises(UserError, match="key.sub=value"):
+        parse_set_options(["vqvae.num_codes"])
+
+
+def test_precedence_override_over_file_over_default(write_params):
+    path = write_params(seed=5, data={"image_size": 32, "channels": 3})
+    params = load_params(path, {"data.image_size": 16, "vqvae.num_codes": 64, "jointvae.cont_capacity.max": 7.5})
+    assert params.data.image_size == 16  # override beats file
+    assert params.data.channels == 3  # file beats default
+    assert params.seed == 5
+    assert params.vqvae.num_codes == 64  # override of a section the file does not have
+    assert params.vqvae.hidden == VQVAEConfig().hidden  # default
+    assert params.jointvae.cont_capacity == CapacitySchedule(max=7.5, steps=300000, gamma=150.0)
+
+
+def test_override_is_validated_like_the_file(write_params):
+    path = write_params()
+    with pytest.raises(UserError, match="`vqvae.num_codes` is 1"):
+        load_params(path, {"vqvae.num_codes": 1})
+    with pytest.raises(UserError, match="did you mean `vqvae.num_codes`"):
+        load_params(path, {"vqvae.num_code": 8})
+
+
+def test_override_below_a_value_that_is_not_a_section(write_params):
+    with pytest.raises(UserError, match="`image_size` is not a section"):
+        load_params(write_params(data={"image_size": 32}), {"data.image_size.x": 1})
+    with pytest.raises(UserError, match="`data.image_size` is {'x': 1}, expected an integer"):
+        load_params(write_params(), {"data.image_size.x": 1})
+
+
+def test_partial_nested_section_keeps_the_other_defaults(write_params):
+    params = load_params(write_params(jointvae={"disc_capacity": {"gamma": 30.0}}), {"jointvae.cont_capacity.max": 5})
+    assert params.jointvae.disc_capacity == CapacitySchedule(max=1.1, steps=300000, gamma=30.0)
+    assert params.jointvae.cont_capacity == CapacitySchedule(max=5.0, steps=300000, gamma=150.0)
+
+
+def test_override_does_not_change_the_file(write_params):
+    path = write_params(seed=1)
+    before = path.read_text()
+    load_params(path, {"seed": 2})
+    assert path.read_text() == before
