@@ -1,0 +1,83 @@
+"""The small interface every model family shares, so trainer, encoder and renderer never branch on the family."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor, nn
+
+
+@dataclass(frozen=True)
+class DataShape:
+    """What a model needs to know about its data: image shape and the pixel variance of the train split."""
+
+    channels: int
+    image_size: int
+    pixel_variance: float = 1.0
+
+
+@dataclass
+class LossOutput:
+    loss: Tensor
+    """The scalar to minimise."""
+    terms: dict[str, Tensor]
+    """Named scalar terms for logging (recon, kl_z, commitment, ...)."""
+    reconstruction: Tensor
+    """The reconstruction in [0, 1] (for the MSE the trainer logs)."""
+    counts: dict[str, Tensor] = field(default_factory=dict)
+    """Per-batch counts the trainer sums over an epoch and hands to `epoch_logs` (e.g. code usage)."""
+
+
+class DiscreteVAE(nn.Module):
+    """Base class of the model families. Images are float [N, C, H, W] in [0, 1]."""
+
+    family: str = ""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.rank_rows: tuple[int, int] | None = None
+
+    def set_rank_rows(self, offset: int, global_batch: int) -> None:
+        """This process's rows are [offset, offset + local batch) of a global batch of `global_batch` rows."""
+        self.rank_rows = (offset, global_batch)
+
+    def batch_noise(self, like: Tensor, uniform: bool = False) -> Tensor:
+        """N(0, 1) (or U[0, 1)) noise shaped like `like` [local batch, ...].
+
+        Drawn for the whole global batch and sliced to this process's rows, so data-parallel training
+        samples exactly what one process with the global batch samples.
+        """
+        offset, size = self.rank_rows if self.rank_rows is not None else (0, like.shape[0])
+        draw = torch.rand if uniform else torch.randn
+        noise = draw((size, *like.shape[1:]), device=like.device, dtype=like.dtype)
+        return noise[offset:offset + like.shape[0]]
+
+    def forward(self, x: Tensor, step: int) -> LossOutput:
+        """The loss, as forward so that DistributedDataParallel synchronises its gradients."""
+        return self.loss(x, step)
+
+    def loss(self, x: Tensor, step: int) -> LossOutput:
+        """The training objective at optimisation step `step` (training mode samples, eval mode is deterministic)."""
+        raise NotImplementedError
+
+    def encode(self, x: Tensor) -> dict[str, Tensor]:
+        """Evaluation-mode representation: the arrays the codes file stores, by name."""
+        raise NotImplementedError
+
+    def decode(self, latent: dict[str, Tensor]) -> Tensor:
+        """Images in [0, 1] from a representation as `encode` returns it (or as the codes file holds it)."""
+        raise NotImplementedError
+
+    @torch.no_grad()
+    def reconstruct(self, x: Tensor) -> Tensor:
+        """Evaluation-mode reconstruction in [0, 1]: decode(encode(x))."""
+        return self.decode(self.encode(x))
+
+    def epoch_logs(self, counts: dict[str, Tensor]) -> dict[str, float]:
+        """Figures logged once per epoch from the summed per-batch `counts`."""
+        return {}
+
+    def latent_attributes(self) -> dict[str, object]:
+        """What the codes file records about the latent (shape, K and D, or the latent spec)."""
+        raise NotImplementedError
