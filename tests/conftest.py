@@ -93,3 +93,49 @@ def fake_mnist(tmp_path: Path) -> FakeMNIST:
     _write_idx_images(raw / "t10k-images-idx3-ubyte", data.test_images)
     _write_idx_labels(raw / "t10k-labels-idx1-ubyte", data.test_labels)
     return data
+
+
+TINY_PARAMS: dict[str, Any] = {
+    "seed": 0,
+    "data": {"dataset": "dsprites", "image_size": 32, "subset": 600},
+    "train": {"checkpoint_every": 10, "log_every": 5},
+    "jointvae": {"continuous": 4, "discrete": [3], "batch_size": 32, "epochs": 2,
+                 "cont_capacity": {"max": 5.0, "steps": 100, "gamma": 30.0},
+                 "disc_capacity": {"max": 1.0, "steps": 100, "gamma": 30.0}},
+    "vqvae": {"hidden": 16, "res_blocks": 1, "downsample": 4, "num_codes": 16, "code_dim": 8,
+              "batch_size": 32, "epochs": 2, "ema_decay": 0.9},
+    "encode": {"batch_size": 128},
+    "evaluate": {"num_samples": 200, "batch_size": 128},
+    "render": {"steps": 4},
+}
+
+
+@dataclass(frozen=True)
+class TrainedProject:
+    """A project folder with a tiny dSprites dataset (600 images, 32×32) and both models trained (30 steps each)."""
+
+    root: Path
+    params_path: Path
+    dataset: Path
+
+    def model_dir(self, family: str) -> Path:
+        return self.root / "models" / family
+
+
+@pytest.fixture(scope="session")
+def trained_project(tmp_path_factory: pytest.TempPathFactory) -> TrainedProject:
+    """Session-wide and read-only: tests that write must write elsewhere (or copy the folder)."""
+    from dvae_cli.config import load_params
+    from dvae_cli.prepare import prepare_data
+    from dvae_cli.trainer import TrainPaths, train
+
+    root = tmp_path_factory.mktemp("trained_project")
+    params_path = root / "params.yaml"
+    params_path.write_text(yaml.safe_dump(TINY_PARAMS, sort_keys=False))
+    params = load_params(params_path)
+    dataset = root / "data" / "prepared" / "dataset.h5"
+    prepare_data(params, dataset, show_progress=False)
+    for family in ("jointvae", "vqvae"):
+        train(params, family, TrainPaths(dataset, root / "models" / family, root / "dvclive" / family),
+              show_progress=False)
+    return TrainedProject(root=root, params_path=params_path, dataset=dataset)

@@ -81,3 +81,11 @@ class DiscreteVAE(nn.Module):
     def latent_attributes(self) -> dict[str, object]:
         """What the codes file records about the latent (shape, K and D, or the latent spec)."""
         raise NotImplementedError
+
+    def code_value_counts(self) -> dict[str, int]:
+        """How many values (0 … count − 1) each integer array of `encode` takes, so the codes file picks its dtype."""
+        return {}
+
+    def extra_arrays(self) -> dict[str, Tensor]:
+        """Arrays the codes file stores once beside the per-row ones (VQ-VAE: the codebook)."""
+        return {}

@@ -216,6 +216,9 @@ class JointVAE(DiscreteVAE):
     def latent_attributes(self) -> dict[str, object]:
         return {"continuous": self.continuous, "discrete": list(self.discrete)}
 
+    def code_value_counts(self) -> dict[str, int]:
+        return {"discrete": max(self.discrete)} if self.discrete else {}
+
     def _device(self) -> torch.device:
         return self.features_to_hidden[0].weight.device
 

@@ -1,0 +1,77 @@
+"""Where and how tensors run: device, autocast precision, memory format, data residency."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from dataclasses import dataclass
+
+import torch
+
+from dvae_cli.config import TrainConfig
+from dvae_cli.errors import UserError
+
+GPU_DATA_FRACTION = 0.4
+"""Keep the uint8 data on the GPU when it takes at most this fraction of the free GPU memory."""
+
+
+@dataclass(frozen=True)
+class Runtime:
+    device: torch.device
+    autocast_dtype: torch.dtype | None
+    channels_last: bool
+
+    @property
+    def needs_grad_scaler(self) -> bool:
+        return self.autocast_dtype == torch.float16
+
+    def autocast(self) -> contextlib.AbstractContextManager:
+        if self.autocast_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.autocast_dtype)
+
+    def place(self, data: torch.Tensor) -> torch.Tensor:
+        """The uint8 dataset on the GPU when it fits, else in (pinned) host memory."""
+        if self.device.type == "cuda":
+            free, _ = torch.cuda.mem_get_info(self.device)
+            if data.nbytes <= GPU_DATA_FRACTION * free:
+                return data.to(self.device)
+            return data.pin_memory()
+        if self.device.type == "mps":
+            return data.to(self.device)
+        return data
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        if torch.cuda.is_available():
+            local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+            return torch.device("cuda", local_rank % torch.cuda.device_count())
+        if torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    device = torch.device(name)
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise UserError(f"train.device is {name} but no CUDA GPU is visible (check nvidia-smi and that torch "
+                            "is a CUDA build); set train.device: auto or cpu")
+        index = device.index if device.index is not None else int(os.environ.get("LOCAL_RANK", "0"))
+        if index >= torch.cuda.device_count():
+            raise UserError(f"train.device is {name} but only {torch.cuda.device_count()} GPU(s) are visible; "
+                            "pick an existing index")
+        return torch.device("cuda", index)
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise UserError("train.device is mps but MPS is not available here; set train.device: auto or cpu")
+    return device
+
+
+def resolve_runtime(config: TrainConfig) -> Runtime:
+    device = resolve_device(config.device)
+    precision = config.precision
+    if precision == "auto":
+        precision = "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "fp32"
+    if precision == "fp16" and device.type != "cuda":
+        raise UserError(f"train.precision fp16 needs a CUDA GPU, the device is {device}; use bf16 or fp32")
+    dtype = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+    # channels_last measured faster for both families on CUDA and on this AVX2 CPU (1.2-1.6× on the convolutions)
+    return Runtime(device=device, autocast_dtype=dtype, channels_last=device.type in ("cuda", "cpu"))
