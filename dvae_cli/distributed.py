@@ -6,6 +6,7 @@ Everything here is a no-op in a single process, so the trainer and encoder read 
 from __future__ import annotations
 
 import os
+import sys
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -69,6 +70,74 @@ def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
     return tensor
 
 
+def broadcast_from_rank0(tensor: torch.Tensor) -> torch.Tensor:
+    """Overwrite `tensor` in place with rank 0's copy (a no-op in one process); returns it."""
+    if dist.is_available() and dist.is_initialized():
+        dist.broadcast(tensor, src=0)
+    return tensor
+
+
+def world() -> tuple[int, int]:
+    """(rank, world size) of this process; (0, 1) outside torch.distributed."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def all_gather_rows(local: torch.Tensor) -> torch.Tensor:
+    """The global batch: every rank's equally shaped rows, concatenated in rank order (a no-op in one process)."""
+    rank, world_size = world()
+    if world_size == 1:
+        return local
+    parts = [torch.empty_like(local) for _ in range(world_size)]
+    dist.all_gather(parts, local.contiguous())
+    return torch.cat(parts)
+
+
+def select_global_rows(local: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """Rows `rows` (rank 0's choice) of the global batch whose slice [rank·M, (rank+1)·M) is `local` [M, ...].
+
+    Only the chosen rows travel: each rank fills the ones it holds and the pieces are summed.
+    """
+    rank, world_size = world()
+    if world_size == 1:
+        return local[rows]
+    rows = broadcast_from_rank0(rows.contiguous())
+    mine = (rows >= rank * len(local)) & (rows < (rank + 1) * len(local))
+    picked = torch.zeros((len(rows), *local.shape[1:]), dtype=local.dtype, device=local.device)
+    picked[mine] = local[rows[mine] - rank * len(local)]
+    return all_reduce_sum(picked)
+
+
 def barrier() -> None:
     if dist.is_available() and dist.is_initialized():
         dist.barrier()
+
+
+def _without_nproc(argv: list[str]) -> list[str]:
+    kept, skip = [], False
+    for arg in argv:
+        if skip:
+            skip = False
+        elif arg == "--nproc":
+            skip = True
+        elif not arg.startswith("--nproc="):
+            kept.append(arg)
+    return kept
+
+
+def launch_with_torchrun(nproc: int, argv: list[str]) -> int:
+    """Run `dvae ARGV` (less --nproc) as `torchrun --standalone --nproc-per-node NPROC -m dvae_cli ARGV`.
+
+    Returns the exit code of the first failed process (0 when all succeed).
+    """
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.run import main as torchrun
+
+    try:
+        torchrun(["--standalone", f"--nproc-per-node={nproc}", "-m", "dvae_cli", *_without_nproc(argv)])
+    except ChildFailedError as failure:
+        codes = [f.exitcode for f in failure.failures.values()]
+        return next((code for code in codes if code == 2), codes[0] if codes else 1) or 1
+    sys.stdout.flush()
+    return 0

@@ -8,7 +8,8 @@ below a threshold.
 
 Everything that decides codes (distances, argmin, EMA statistics, k-means) runs in float32 with
 autocast disabled. Under torch.distributed the batch statistics are summed over ranks and every random
-choice is taken from rank 0, so all ranks hold the same codebook.
+choice is made over the global batch and taken from rank 0, so all ranks hold the same codebook, the one
+a single process with the global batch would hold.
 """
 
 from __future__ import annotations
@@ -16,9 +17,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from dvae_cli.distributed import all_gather_rows, all_reduce_sum, broadcast_from_rank0, select_global_rows, world
 
 CODEBOOK_UPDATES = ("ema", "loss")
 CODEBOOK_INITS = ("kmeans", "random")
@@ -32,24 +34,6 @@ class QuantizerOutput:
     codebook_loss: Tensor  # mean((sg[z_e] - e)^2) for update "loss"; zero for "ema"
     perplexity: Tensor  # exp(entropy of this batch's code histogram)
     usage: Tensor  # int64 [K]: how often each code was chosen in this batch (this rank)
-
-
-def _is_distributed() -> bool:
-    return dist.is_available() and dist.is_initialized()
-
-
-def _all_reduce_sum(tensor: Tensor) -> Tensor:
-    """Sum `tensor` in place over all ranks; a no-op outside torch.distributed."""
-    if _is_distributed():
-        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
-    return tensor
-
-
-def _broadcast_from_rank0(tensor: Tensor) -> Tensor:
-    """Overwrite `tensor` in place with rank 0's copy; a no-op outside torch.distributed."""
-    if _is_distributed():
-        dist.broadcast(tensor, src=0)
-    return tensor
 
 
 def _squared_distances(vectors: Tensor, codebook: Tensor) -> Tensor:
@@ -190,11 +174,12 @@ class VectorQuantizer(nn.Module):
                 f"expected encoder output [N, {self.code_dim}, ...], got shape {tuple(z_e.shape)}"
             )
 
-    def _cluster_statistics(self, vectors: Tensor, assignment: Tensor) -> tuple[Tensor, Tensor]:
-        """Per-code vector counts [K] and sums [K, D] over all ranks."""
+    def _cluster_statistics(self, vectors: Tensor, assignment: Tensor, across_ranks: bool = True) -> tuple[Tensor, Tensor]:
+        """Per-code vector counts [K] and sums [K, D] (summed over all ranks unless `across_ranks` is False)."""
         one_hot = F.one_hot(assignment, self.num_codes).to(vectors.dtype)
         statistics = torch.cat([one_hot.sum(0, keepdim=True).t(), one_hot.t() @ vectors], dim=1)
-        _all_reduce_sum(statistics)
+        if across_ranks:
+            all_reduce_sum(statistics)
         return statistics[:, 0], statistics[:, 1:]
 
     def _kmeans_plus_plus(self, vectors: Tensor) -> Tensor:
@@ -213,14 +198,20 @@ class VectorQuantizer(nn.Module):
         return seeds
 
     def _initialize_from(self, vectors: Tensor) -> None:
-        """k-means (k-means++ seeds on rank 0, then Lloyd iterations over all ranks) on one batch."""
-        centroids = _broadcast_from_rank0(self._kmeans_plus_plus(vectors))
+        """k-means (k-means++ seeds, then Lloyd iterations) on the first global batch.
+
+        Under torch.distributed every rank gathers the whole batch and runs the same k-means as one
+        process would; rank 0's result is broadcast so the ranks agree bit for bit.
+        """
+        vectors = all_gather_rows(vectors)
+        centroids = self._kmeans_plus_plus(vectors)
         for _ in range(self.kmeans_iters):
-            counts, sums = self._cluster_statistics(vectors, _nearest(vectors, centroids))
+            counts, sums = self._cluster_statistics(vectors, _nearest(vectors, centroids), across_ranks=False)
             centroids = torch.where(
                 counts.unsqueeze(1) > 0, sums / counts.clamp(min=1).unsqueeze(1), centroids
             )
-        counts, _ = self._cluster_statistics(vectors, _nearest(vectors, centroids))
+        centroids = broadcast_from_rank0(centroids)
+        counts, _ = self._cluster_statistics(vectors, _nearest(vectors, centroids), across_ranks=False)
         # A cluster left empty counts as holding its own centroid, like a random init code, so its
         # vector is kept (m_k = 0 would pull e_k to the origin at the next EMA step).
         sizes = counts.clamp(min=1)
@@ -237,7 +228,7 @@ class VectorQuantizer(nn.Module):
         """
         decay = self.ema_decay
         if self.update == "loss":
-            counts = _all_reduce_sum(usage.float())
+            counts = all_reduce_sum(usage.float())
             self.cluster_size.mul_(decay).add_(counts, alpha=1 - decay)
             return
         counts, sums = self._cluster_statistics(vectors, indices)
@@ -248,7 +239,7 @@ class VectorQuantizer(nn.Module):
         self.codebook.copy_(self.embed_sum / smoothed.unsqueeze(1))
 
     def _restart_dead_codes(self, vectors: Tensor) -> None:
-        """Re-seed codes with N_k < threshold from random vectors of rank 0's batch.
+        """Re-seed codes with N_k < threshold from random vectors of the global batch (rows chosen on rank 0).
 
         A restarted code gets N_k = max(threshold, mean N) and m_k = e_k·N_k: an average share of usage,
         which gives it time to attract vectors before it can count as dead again. Written without
@@ -256,8 +247,9 @@ class VectorQuantizer(nn.Module):
         also keeps the RNG stream independent of how many codes died.
         """
         dead = self.cluster_size < self.dead_code_threshold
-        candidates = vectors[_random_rows(vectors.shape[0], self.num_codes, vectors.device)]
-        candidates = _broadcast_from_rank0(candidates.contiguous())
+        _, world_size = world()
+        rows = _random_rows(vectors.shape[0] * world_size, self.num_codes, vectors.device)
+        candidates = select_global_rows(vectors, rows)
         # The i-th dead code takes the i-th candidate, so dead codes get distinct rows where possible.
         replacements = candidates[(dead.long().cumsum(0) - 1).clamp(min=0)]
         reset_size = self.cluster_size.mean().clamp(min=self.dead_code_threshold)

@@ -23,7 +23,7 @@ from dvae_cli import __version__
 from dvae_cli.checkpoint import load_checkpoint, save_checkpoint
 from dvae_cli.config import Params
 from dvae_cli.dataset import TRAIN, VAL, DatasetFile
-from dvae_cli.distributed import Cluster, all_reduce_sum, join_cluster
+from dvae_cli.distributed import all_reduce_sum, join_cluster, leave_cluster
 from dvae_cli.errors import TrainingDiverged, UserError
 from dvae_cli.files import sha256_file
 from dvae_cli.models import DataShape, DiscreteVAE, build_model
@@ -48,6 +48,7 @@ class TrainPaths:
 
 @dataclass
 class TrainResult:
+    model: DiscreteVAE
     steps: int
     resumed_from: int
     metrics: dict[str, float]
@@ -260,10 +261,11 @@ def train(params: Params, family: str, paths: TrainPaths, restart: bool = False,
                 advance(1)
     finally:
         logger.close()
+        leave_cluster()
 
-    metrics = {name: value for name, value in logged.items() if np.isfinite(value)}
+    metrics = {name: value for name, value in logged.items() if np.isfinite(value)} if cluster.is_main else {}
     if cluster.is_main:
         save_model(paths.model_dir, model, config, data_shape, {
             "dataset_sha256": dataset_sha256, "seed": params.seed, "steps": step, "dvae_version": __version__,
             "final_metrics": metrics})
-    return TrainResult(steps=step, resumed_from=resumed_from, metrics=metrics, seconds=time.perf_counter() - started)
+    return TrainResult(model=model, steps=step, resumed_from=resumed_from, metrics=metrics, seconds=time.perf_counter() - started)

@@ -300,7 +300,8 @@ def _distributed_worker(rank: int, world_size: int, store: str, out_dir: str) ->
 
 def test_distributed_ranks_share_one_codebook(tmp_path: Path) -> None:
     torch.manual_seed(0)
-    batches = [torch.randn(2, 3, 4, 4) * 2.0, torch.randn(3, 3, 4, 4) * 2.0 + 1.0]
+    # Equal local batches, as the trainer makes them (the global batch split evenly over ranks).
+    batches = [torch.randn(3, 3, 4, 4) * 2.0, torch.randn(3, 3, 4, 4) * 2.0 + 1.0]
     for rank, batch in enumerate(batches):
         torch.save(batch, tmp_path / f"batch{rank}.pt")
     mp.spawn(

@@ -1,0 +1,170 @@
+"""Training images/s of dvae's trainer beside the way reference implementations feed the same model.
+
+Usage: python benchmarks/train_speed.py --model jointvae|vqvae [--steps N] [--device auto|cpu|cuda]
+
+dvae: `dvae_cli.trainer.train` itself (uint8 data in memory, batched by index, channels_last, autocast where
+the runtime picks it), timed over its second half of steps (the first half warms up).
+baseline, measured in the same run: the same model fed by a per-item `Dataset` with
+`transforms.ToTensor()` through `torch.utils.data.DataLoader` (shuffle, default workers), NCHW, eager fp32.
+Also printed: forward+backward FLOPs per image (torch's FlopCounterMode), this machine's fp32 matmul peak
+measured now, and the fraction of the resulting ceiling each reaches.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+from torch.utils.flop_counter import FlopCounterMode
+from torchvision import transforms
+
+from dvae_cli.config import Params, build
+from dvae_cli.dataset import DatasetChunk, DatasetInfo, DatasetWriter
+from dvae_cli.models import DataShape, build_model
+from dvae_cli.runtime import resolve_runtime
+from dvae_cli.sources.dsprites import DSpritesRenderer
+from dvae_cli.trainer import TrainPaths, train
+
+@dataclass(frozen=True)
+class Setup:
+    name: str
+    family: str
+    model: dict
+    channels: int
+    image_size: int
+    batch_size: int
+
+def setups(family: str) -> list[Setup]:
+    if family == "jointvae":
+        return [Setup("jointvae dSprites 64×64 (reference architecture), batch 64", "jointvae",
+                      {"continuous": 6, "discrete": [3], "batch_size": 64}, 1, 64, 64)]
+    quick = {"hidden": 64, "res_blocks": 1, "downsample": 4, "num_codes": 64, "code_dim": 16, "batch_size": 64}
+    cifar = {"hidden": 256, "res_blocks": 2, "downsample": 4, "num_codes": 512, "code_dim": 64, "batch_size": 128}
+    return [Setup("vqvae quick config (params.yaml), dSprites 64×64, batch 64", "vqvae", quick, 1, 64, 64),
+            Setup("vqvae CIFAR-10 architecture (paper), 3×32×32, batch 128", "vqvae", cifar, 3, 32, 128)]
+
+def make_images(setup: Setup, count: int) -> np.ndarray:
+    if setup.channels == 1 and setup.image_size == 64:
+        rows = np.random.default_rng(0).choice(737_280, size=count, replace=False)
+        return DSpritesRenderer().render(np.sort(rows))
+    return np.random.default_rng(0).integers(0, 256, (count, setup.channels, setup.image_size, setup.image_size),
+                                             dtype=np.uint8)
+
+def write_dataset(path: Path, images: np.ndarray) -> None:
+    info = DatasetInfo(source="benchmark", image_size=images.shape[-1], channels=images.shape[1])
+    writer = DatasetWriter(path, info, {})
+    writer.append(DatasetChunk(images=images))
+    writer.finish(np.zeros(len(images), dtype=np.uint8))
+
+def dvae_images_per_second(setup: Setup, images: np.ndarray, steps: int, device: str, folder: Path) -> float:
+    dataset = folder / f"{setup.family}.h5"
+    write_dataset(dataset, images)
+    params = build(Params, {setup.family: {**setup.model, "epochs": 1000},
+                            "train": {"max_steps": steps, "log_every": steps // 2, "checkpoint_every": 10**9,
+                                      "device": device}})
+    paths = TrainPaths(dataset, folder / "models" / setup.family, folder / "dvclive" / setup.family)
+    train(params, setup.family, paths, restart=True, show_progress=False)
+    history = (paths.live_dir / "plots" / "metrics" / "train" / "images_per_second.tsv").read_text().splitlines()
+    return float(history[-1].split("\t")[-1])
+
+class PerItemImages(Dataset):
+    """How reference implementations feed data: one HWC uint8 array per item through ToTensor."""
+
+    def __init__(self, images: np.ndarray) -> None:
+        self.images = np.ascontiguousarray(images.transpose(0, 2, 3, 1))
+        self.to_tensor = transforms.ToTensor()
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, index: int) -> torch.Tensor:
+        return self.to_tensor(self.images[index])
+
+def baseline_images_per_second(setup: Setup, images: np.ndarray, steps: int, device: torch.device) -> float:
+    params = build(Params, {setup.family: setup.model})
+    torch.manual_seed(0)
+    model = build_model(setup.family, params.model_config(setup.family),
+                        DataShape(setup.channels, setup.image_size, 0.05)).to(device)
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-4)
+    loader = DataLoader(PerItemImages(images), batch_size=setup.batch_size, shuffle=True, drop_last=True)
+    done, timed_images, started = 0, 0, 0.0
+    while done < steps:
+        for x in loader:
+            if done == steps // 2:
+                if device.type == "cuda":
+                    torch.cuda.synchronize()
+                started, timed_images = time.perf_counter(), 0
+            loss = model.loss(x.to(device), done).loss
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            done += 1
+            timed_images += len(x)
+            if done == steps:
+                break
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return timed_images / (time.perf_counter() - started)
+
+def flops_per_image(setup: Setup) -> float:
+    params = build(Params, {setup.family: setup.model})
+    model = build_model(setup.family, params.model_config(setup.family), DataShape(setup.channels, setup.image_size))
+    x = torch.rand(8, setup.channels, setup.image_size, setup.image_size)
+    model.loss(x, 0)  # the quantizer initialises on its first training batch; count a steady step
+    with FlopCounterMode(display=False) as counter:
+        model.loss(x, 1).loss.backward()
+    return counter.get_total_flops() / len(x)
+
+def matmul_peak_gflops(device: torch.device) -> float:
+    a, b = torch.randn(2048, 2048, device=device), torch.randn(2048, 2048, device=device)
+    for _ in range(3):
+        a @ b
+    best = float("inf")
+    for _ in range(5):
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        started = time.perf_counter()
+        a @ b
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        best = min(best, time.perf_counter() - started)
+    return 2 * 2048**3 / best / 1e9
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", choices=("jointvae", "vqvae"), required=True)
+    parser.add_argument("--steps", type=int, default=60, help="training steps per measurement (timed: the second half)")
+    parser.add_argument("--device", default="auto")
+    args = parser.parse_args()
+    device = resolve_runtime(build(Params, {"train": {"device": args.device}}).train).device
+    peak = matmul_peak_gflops(device)
+    print(f"device {device}, torch {torch.__version__}, {torch.get_num_threads()} threads, "
+          f"fp32 matmul peak measured now: {peak:.0f} GFLOP/s")
+    results = []
+    with tempfile.TemporaryDirectory() as folder:
+        for setup in setups(args.model):
+            steps = args.steps if setup.model.get("hidden", 0) < 256 else max(10, args.steps // 3)
+            images = make_images(setup, max(4096, setup.batch_size * (steps + 1)))
+            flops = flops_per_image(setup)
+            ceiling = peak * 1e9 / flops
+            ours = dvae_images_per_second(setup, images, steps, args.device, Path(folder))
+            baseline = baseline_images_per_second(setup, images, steps, device)
+            results.append({"setup": setup.name, "dvae_images_per_s": round(ours, 1),
+                            "baseline_images_per_s": round(baseline, 1), "speedup": round(ours / baseline, 2),
+                            "gflop_per_image": round(flops / 1e9, 4), "ceiling_images_per_s": round(ceiling),
+                            "dvae_fraction_of_ceiling": round(ours / ceiling, 3),
+                            "baseline_fraction_of_ceiling": round(baseline / ceiling, 3)})
+            print(f"{setup.name}\n  dvae {ours:8.1f} images/s   baseline {baseline:8.1f} images/s   "
+                  f"speedup {ours / baseline:.2f}×\n  {flops / 1e9:.4f} GFLOP/image fwd+bwd, ceiling {ceiling:.0f} "
+                  f"images/s: dvae at {ours / ceiling:.0%}, baseline at {baseline / ceiling:.0%}")
+    print(json.dumps(results))
+
+if __name__ == "__main__":
+    main()
