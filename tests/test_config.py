@@ -1,6 +1,8 @@
+import dataclasses
 from pathlib import Path
 
 import pytest
+import yaml
 
 from dvae_cli.config import (
     CapacitySchedule,
@@ -245,3 +247,28 @@ def test_override_does_not_change_the_file(write_params):
     before = path.read_text()
     load_params(path, {"seed": 2})
     assert path.read_text() == before
+
+
+PRESETS = Path(__file__).resolve().parents[1] / "presets"
+
+
+@pytest.mark.parametrize("preset", sorted(PRESETS.glob("*.yaml")), ids=lambda p: p.stem)
+def test_every_preset_is_a_complete_valid_params_file(preset: Path) -> None:
+    raw = yaml.safe_load(preset.read_text())
+    assert set(raw) == {f.name for f in dataclasses.fields(Params)}
+    params = load_params(preset)
+    assert params.models == [preset.stem.split("-")[0]]
+
+
+def test_presets_hold_the_papers_settings() -> None:
+    dsprites = load_params(PRESETS / "jointvae-dsprites.yaml").jointvae
+    assert (dsprites.continuous, dsprites.discrete, dsprites.lr, dsprites.batch_size) == (6, [3], 5e-4, 64)
+    assert (dsprites.cont_capacity.max, dsprites.cont_capacity.steps, dsprites.cont_capacity.gamma) == (40, 300000, 150)
+    assert (dsprites.disc_capacity.max, dsprites.disc_capacity.steps) == (1.1, 300000)
+    cifar = load_params(PRESETS / "vqvae-cifar10.yaml")
+    assert (cifar.data.image_size, cifar.data.channels, cifar.train.max_steps) == (32, 3, 250000)
+    assert (cifar.vqvae.hidden, cifar.vqvae.res_blocks, cifar.vqvae.downsample) == (256, 2, 4)
+    assert (cifar.vqvae.num_codes, cifar.vqvae.code_dim, cifar.vqvae.beta, cifar.vqvae.lr) == (512, 64, 0.25, 2e-4)
+    mnist = load_params(PRESETS / "jointvae-mnist.yaml").jointvae
+    assert (mnist.continuous, mnist.discrete, mnist.cont_capacity.max, mnist.cont_capacity.steps,
+            mnist.cont_capacity.gamma, mnist.epochs) == (10, [10], 5, 25000, 30, 100)
