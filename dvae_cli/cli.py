@@ -20,6 +20,7 @@ from rich.table import Table
 from dvae_cli import __version__
 from dvae_cli.config import Params, load_params, parse_set_options, parse_value
 from dvae_cli.errors import UserError
+from dvae_cli.files import remove_pending_temporaries
 from dvae_cli.progress import console
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
@@ -153,12 +154,18 @@ def train_command(
     restart: Annotated[bool, typer.Option(help="ignore an existing checkpoint and start over")] = False,
     restart_on_mismatch: Annotated[bool, typer.Option(
         help="resume a matching checkpoint, start over when params changed (what the DVC stage uses)")] = False,
+    nproc: Annotated[int | None, typer.Option(
+        help="run N data-parallel processes on this machine through torchrun (one per GPU)", min=1)] = None,
     set_: SetOption = None,
 ) -> None:
     """Train a model (resumes from its checkpoint when one matches)."""
     from dvae_cli.trainer import TrainPaths, train
 
     family = check_family(model)
+    if nproc is not None and nproc > 1:
+        from dvae_cli.distributed import launch_with_torchrun
+
+        raise typer.Exit(launch_with_torchrun(nproc, sys.argv[1:]))
     config = params_with(params, set_, **{f"{family}__epochs": epochs, f"{family}__batch_size": batch_size,
                                           f"{family}__lr": lr, "train__max_steps": max_steps,
                                           "train__device": device, "train__precision": precision, "seed": seed})
@@ -175,7 +182,147 @@ def train_command(
         console().print(table)
 
 
+@app.command("encode")
+@user_facing
+def encode_command(
+    model: ModelOption,
+    params: ParamsOption = Path("params.yaml"),
+    dataset: DatasetOption = Path("data/prepared/dataset.h5"),
+    model_dir: Annotated[Path | None, typer.Option(help="model folder [default: models/MODEL]")] = None,
+    out: Annotated[Path | None, typer.Option(help="codes file to write [default: data/codes/MODEL.h5]")] = None,
+    batch_size: Annotated[int | None, typer.Option(help="override encode.batch_size")] = None,
+    device: Annotated[str | None, typer.Option(help="override train.device")] = None,
+    set_: SetOption = None,
+) -> None:
+    """Encode every dataset row into a codes file (VQ-VAE code maps, JointVAE latents)."""
+    from dvae_cli.encode import EncodePaths, encode_dataset
+
+    family = check_family(model)
+    config = params_with(params, set_, encode__batch_size=batch_size, train__device=device)
+    paths = EncodePaths(dataset=dataset, model_dir=model_dir or Path("models") / family,
+                        out=out or Path("data/codes") / f"{family}.h5")
+    result = encode_dataset(config, family, paths)
+    if result is None:  # a torchrun rank other than 0: rank 0 wrote the file
+        return
+    table = Table(title=f"{result.path}: {result.num_rows:,} rows")
+    table.add_column("array")
+    table.add_column("type and shape")
+    for name, description in result.arrays.items():
+        table.add_row(name, description)
+    table.add_row("images/s", f"{result.images_per_second:,.0f}")
+    table.add_row("file size", f"{result.file_bytes / 1e6:.1f} MB")
+    table.add_row("seconds", f"{result.seconds:.1f}")
+    console().print(table)
+
+
+@app.command("decode")
+@user_facing
+def decode_command(
+    codes: Annotated[Path, typer.Argument(help="codes file written by `dvae encode`")],
+    out: Annotated[Path, typer.Option(help="output: a .png grid or a dataset-format .h5")],
+    rows: Annotated[str | None, typer.Option(help="rows START:STOP to decode [default: the first 64]")] = None,
+    model_dir: Annotated[Path | None, typer.Option(help="model folder [default: the one the codes file names]")] = None,
+    force: Annotated[bool, typer.Option(help="decode even when the model's weights are not the encoder's")] = False,
+    params: ParamsOption = Path("params.yaml"),
+    batch_size: Annotated[int | None, typer.Option(help="override encode.batch_size")] = None,
+    device: Annotated[str | None, typer.Option(help="override train.device")] = None,
+    set_: SetOption = None,
+) -> None:
+    """Decode rows of a codes file into a PNG grid or a dataset-format HDF5."""
+    from dvae_cli.encode import decode_codes_file
+
+    config = params_with(params, set_, encode__batch_size=batch_size, train__device=device)
+    result = decode_codes_file(config, codes, out, rows, model_dir=model_dir, force=force)
+    if not result.weights_match:
+        typer.echo(f"warning: {result.model_dir} is not the model that wrote {codes} (--force)", err=True)
+    typer.echo(f"decoded rows {result.rows.start}:{result.rows.stop} into {result.path} "
+               f"({result.seconds:.1f} s)", err=True)
+
+
+@app.command("evaluate")
+@user_facing
+def evaluate_command(
+    model: ModelOption,
+    params: ParamsOption = Path("params.yaml"),
+    dataset: DatasetOption = Path("data/prepared/dataset.h5"),
+    model_dir: Annotated[Path | None, typer.Option(help="model folder [default: models/MODEL]")] = None,
+    codes: Annotated[Path | None, typer.Option(help="codes file [default: data/codes/MODEL.h5]")] = None,
+    out: Annotated[Path | None, typer.Option(help="metrics file [default: metrics/MODEL.json]")] = None,
+    num_samples: Annotated[int | None, typer.Option(help="override evaluate.num_samples")] = None,
+    dci: Annotated[bool | None, typer.Option("--dci/--no-dci", help="override evaluate.dci")] = None,
+    batch_size: Annotated[int | None, typer.Option(help="override evaluate.batch_size")] = None,
+    device: Annotated[str | None, typer.Option(help="override train.device")] = None,
+    seed: Annotated[int | None, typer.Option(help="override seed")] = None,
+    set_: SetOption = None,
+) -> None:
+    """Compute the metrics of a trained model on the test split (val when there is none) into metrics/MODEL.json."""
+    from dvae_cli.evaluate import EvaluatePaths, evaluate
+
+    family = check_family(model)
+    config = params_with(params, set_, evaluate__num_samples=num_samples, evaluate__dci=dci,
+                         evaluate__batch_size=batch_size, train__device=device, seed=seed)
+    paths = EvaluatePaths(model_dir=model_dir or Path("models") / family, dataset=dataset,
+                          codes=codes or Path("data/codes") / f"{family}.h5",
+                          metrics=out or Path("metrics") / f"{family}.json")
+    result = evaluate(config, family, paths)
+    for note in result.notes:
+        typer.echo(f"note: {note}", err=True)
+    table = Table(title=f"{family}: {result.split_name} split, {result.num_images:,} images",
+                  caption=f"written to {result.path}")
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+
+    def add_rows(section: dict[str, Any], prefix: str) -> None:
+        for name, value in section.items():
+            if isinstance(value, dict):
+                add_rows(value, f"{prefix}{name}.")
+            else:
+                table.add_row(f"{prefix}{name}", str(value) if isinstance(value, int) else f"{value:.5g}")
+
+    add_rows(result.metrics, "")
+    console().print(table)
+
+
+@app.command("render")
+@user_facing
+def render_command(
+    model: ModelOption,
+    params: ParamsOption = Path("params.yaml"),
+    dataset: DatasetOption = Path("data/prepared/dataset.h5"),
+    model_dir: Annotated[Path | None, typer.Option(help="model folder [default: models/MODEL]")] = None,
+    out: Annotated[Path | None, typer.Option(help="folder of the pictures (replaced) [default: renders/MODEL]")] = None,
+    base: Annotated[int | None, typer.Option(help="override render.base_index: test image the traversals start from")
+                    ] = None,
+    steps: Annotated[int | None, typer.Option(help="override render.steps: columns of a traversal")] = None,
+    seed: Annotated[int | None, typer.Option(help="override render.seed: prior samples and chosen images")] = None,
+    device: Annotated[str | None, typer.Option(help="override train.device")] = None,
+    set_: SetOption = None,
+) -> None:
+    """Draw traversals, reconstructions, samples and code maps as PNGs (and code usage as a CSV)."""
+    from dvae_cli.render import render
+
+    family = check_family(model)
+    config = params_with(params, set_, render__base_index=base, render__steps=steps, render__seed=seed,
+                         train__device=device)
+    result = render(config, family, model_dir or Path("models") / family, dataset, out or Path("renders") / family)
+    for note in result.notes:
+        typer.echo(f"note: {note}", err=True)
+    table = Table(title=f"{result.folder}: {len(result.files)} files in {result.seconds:.1f} s")
+    table.add_column("file")
+    table.add_column("pixels", justify="right")
+    for name, size in result.files.items():
+        table.add_row(name, "data" if size is None else f"{size[0]}×{size[1]}")
+    console().print(table)
+
+
+def _terminate(signum: int, frame: object) -> None:
+    # Raising from a signal handler is unreliable (an exception that lands in a finalizer is dropped, and h5py
+    # runs many), so remove the temporary files being written and exit at once: no artifact looks complete.
+    remove_pending_temporaries()
+    os._exit(128 + signum)
+
+
 def run() -> None:
-    """Console-script entry point: SIGTERM unwinds like Ctrl-C so temporary files are removed."""
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    """Console-script entry point: SIGTERM removes the temporary files being written, then exits."""
+    signal.signal(signal.SIGTERM, _terminate)
     app()

@@ -9,11 +9,14 @@ import os
 import sys
 from dataclasses import dataclass
 from datetime import timedelta
+from typing import TypeVar
 
 import torch
 import torch.distributed as dist
 
 from dvae_cli.errors import UserError
+
+T = TypeVar("T")
 
 PROCESS_GROUP_TIMEOUT = timedelta(seconds=float(os.environ.get("DVAE_DIST_TIMEOUT", "120")))
 
@@ -44,6 +47,8 @@ def join_cluster(device: torch.device) -> Cluster:
     if dist.is_initialized():
         return Cluster(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")))
     backend = "nccl" if device.type == "cuda" else "gloo"
+    if device.type == "cuda":
+        torch.cuda.set_device(device)  # NCCL collectives (and all_gather_object) run on the current device
     dist.init_process_group(backend=backend, timeout=PROCESS_GROUP_TIMEOUT)
     cluster = Cluster(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")))
     _check_same_device_type(device)
@@ -141,3 +146,13 @@ def launch_with_torchrun(nproc: int, argv: list[str]) -> int:
         return next((code for code in codes if code == 2), codes[0] if codes else 1) or 1
     sys.stdout.flush()
     return 0
+
+
+def all_gather_objects(value: T) -> list[T]:
+    """Every rank's `value` (picklable), in rank order, on every rank; [value] in one process."""
+    _, world_size = world()
+    if world_size == 1:
+        return [value]
+    values: list[T] = [value] * world_size
+    dist.all_gather_object(values, value)
+    return values

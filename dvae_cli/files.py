@@ -16,6 +16,17 @@ from pathlib import Path
 from typing import Any
 
 
+_PENDING: set[Path] = set()
+"""Temporary paths being written right now, for `remove_pending_temporaries` (process-wide on purpose: a
+signal handler has no other way to reach them)."""
+
+
+def remove_pending_temporaries() -> None:
+    """Delete every temporary file or folder an `atomic_path` is writing (used when the process is terminated)."""
+    for tmp in list(_PENDING):
+        _remove(tmp)
+
+
 def temp_path_for(path: Path) -> Path:
     return path.with_name(f"{path.name}.tmp-{os.getpid()}")
 
@@ -36,6 +47,19 @@ def _remove(path: Path) -> None:
 
 
 @contextmanager
+def pending_temporary(path: Path) -> Iterator[Path]:
+    """Mark `path` as a temporary being written: removed on failure and when the process is terminated."""
+    _PENDING.add(path)
+    try:
+        yield path
+    except BaseException:
+        _remove(path)
+        raise
+    finally:
+        _PENDING.discard(path)
+
+
+@contextmanager
 def atomic_path(path: Path | str) -> Iterator[Path]:
     """Yield a temporary path to write to; on success it replaces `path`, on any failure it is removed.
 
@@ -45,7 +69,7 @@ def atomic_path(path: Path | str) -> Iterator[Path]:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = temp_path_for(path)
     _remove(tmp)
-    try:
+    with pending_temporary(tmp):
         yield tmp
         if tmp.is_dir():
             for child in tmp.rglob("*"):
@@ -57,9 +81,6 @@ def atomic_path(path: Path | str) -> Iterator[Path]:
             _remove(path)
         os.replace(tmp, path)
         _fsync_path(path.parent)
-    except BaseException:
-        _remove(tmp)
-        raise
 
 
 def write_bytes_atomic(path: Path | str, data: bytes) -> None:

@@ -173,6 +173,12 @@ class VQVAE(DiscreteVAE):
         side = self.data.image_size // self.config.downsample
         return {"latent_shape": [side, side], "num_codes": self.config.num_codes, "code_dim": self.config.code_dim}
 
+    def code_value_counts(self) -> dict[str, int]:
+        return {"codes": self.config.num_codes}
+
+    def extra_arrays(self) -> dict[str, Tensor]:
+        return {"codebook": self.codebook()}
+
     def _to_image(self, output: Tensor) -> Tensor:
         if self.config.likelihood == "gaussian":
             return output.clamp(0.0, 1.0)
