@@ -1,0 +1,64 @@
+"""Time `dvae evaluate` on 10,000 dSprites test images and print the seconds each group of metrics takes.
+
+Usage: python benchmarks/evaluate_speed.py [--steps N] [--dci] [--families jointvae vqvae]
+Target (2-core CPU): at most 60 s per model with metrics read from an existing codes file and DCI off.
+
+Setup (not timed): a 20,000-image 64×64 dSprites subset split half train, half test; each model built from
+the model settings of ./params.yaml (the shipped quick configuration, or the built-in defaults without one)
+and trained briefly (--steps, 100 by default: enough for a k-means-seeded codebook and non-trivial latents,
+not a converged model); then `dvae encode`. Only `evaluate` is timed. --dci adds DCI (2,000-point subsample).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+import time
+from pathlib import Path
+
+from dvae_cli.config import MODEL_FAMILIES, load_params
+from dvae_cli.encode import EncodePaths, encode_dataset
+from dvae_cli.evaluate import EvaluatePaths, evaluate
+from dvae_cli.prepare import prepare_data
+from dvae_cli.trainer import TrainPaths, train
+
+TEST_IMAGES = 10000
+TARGET_SECONDS = 60.0
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--steps", type=int, default=100, help="training steps of each model before encoding")
+    parser.add_argument("--dci", action="store_true", help="also compute DCI (slow)")
+    parser.add_argument("--families", nargs="+", default=list(MODEL_FAMILIES), choices=MODEL_FAMILIES)
+    args = parser.parse_args()
+    params = load_params(Path("params.yaml"), {
+        "data.dataset": "dsprites", "data.subset": 2 * TEST_IMAGES, "data.image_size": 64, "data.channels": 1,
+        "data.split": [0.5, 0.0, 0.5], "train.max_steps": args.steps, "train.checkpoint_every": args.steps,
+        "evaluate.num_samples": TEST_IMAGES, "evaluate.dci": args.dci}, missing_ok=True)
+    with tempfile.TemporaryDirectory() as folder:
+        root = Path(folder)
+        dataset = root / "dataset.h5"
+        prepare_data(params, dataset, show_progress=False)
+        for family in args.families:
+            model_dir, codes = root / "models" / family, root / "codes" / f"{family}.h5"
+            train(params, family, TrainPaths(dataset, model_dir, root / "dvclive" / family), show_progress=False)
+            encoded = encode_dataset(params, family, EncodePaths(dataset, model_dir, codes), show_progress=False)
+            started = time.perf_counter()
+            result = evaluate(params, family, EvaluatePaths(model_dir, dataset, codes, root / f"{family}.json"),
+                              show_progress=False)
+            seconds = time.perf_counter() - started
+            config = params.model_config(family)
+            print(f"{family}: {result.num_images:,} {result.split_name} images, {config}")
+            print(f"  (setup: trained {args.steps} steps; encode {encoded.num_rows:,} rows in {encoded.seconds:.1f} s)")
+            for name, spent in result.seconds.items():
+                if name != "total":
+                    print(f"  {name:<16} {spent:6.2f} s")
+            print(f"  {'evaluate total':<16} {seconds:6.2f} s  target ≤ {TARGET_SECONDS:.0f} s: "
+                  f"{'met' if seconds <= TARGET_SECONDS else 'MISSED'}")
+            print(f"  figures: {json.dumps(result.metrics)}")
+
+
+if __name__ == "__main__":
+    main()
