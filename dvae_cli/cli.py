@@ -172,9 +172,10 @@ def train_command(
     paths = TrainPaths(dataset=dataset, model_dir=out or Path("models") / family,
                        live_dir=live or Path("dvclive") / family)
     result = train(config, family, paths, restart=restart, restart_on_mismatch=restart_on_mismatch)
+    if result.resumed_from:
+        typer.echo(f"{family}: resumed from step {result.resumed_from} of {paths.checkpoint}", err=True)
     if result.metrics:
-        table = Table(title=f"{family}: {result.steps} steps in {result.seconds:.0f} s"
-                            + (f" (resumed at step {result.resumed_from})" if result.resumed_from else ""))
+        table = Table(title=f"{family}: {result.steps} steps in {result.seconds:.0f} s")
         table.add_column("metric")
         table.add_column("value", justify="right")
         for name, value in result.metrics.items():

@@ -1,0 +1,137 @@
+"""The whole DVC pipeline on tiny params, in temporary copies of the project (git repos made for the test)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from dvae_cli.dataset import DatasetFile
+from dvae_cli.encode import CodesFile
+from tests.conftest import TINY_PARAMS
+
+PROJECT = Path(__file__).resolve().parents[1]
+COPIED = ["dvc.yaml", ".dvc/config", ".dvcignore", ".gitignore", "dvae_cli", "pyproject.toml"]
+
+
+def merged(base: dict, changes: dict) -> dict:
+    return {key: merged(base[key], value) if isinstance(value, dict) and isinstance(base.get(key), dict) else value
+            for key, value in {**base, **changes}.items()}
+
+
+# The shipped params.yaml (DVC needs every key a stage tracks) with the tiny sizes of the test suite.
+PIPELINE_PARAMS = merged(yaml.safe_load((PROJECT / "params.yaml").read_text()),
+                         {**TINY_PARAMS, "jointvae": {**TINY_PARAMS["jointvae"], "epochs": 4}})
+FAMILIES = ("jointvae", "vqvae")
+ARTIFACTS = ["data/prepared/dataset.h5"] + [
+    path for family in FAMILIES for path in (f"models/{family}/model.safetensors", f"data/codes/{family}.h5",
+                                             f"metrics/{family}.json")]
+
+
+def make_project(folder: Path) -> Path:
+    folder.mkdir(parents=True)
+    for name in COPIED:
+        source, target = PROJECT / name, folder / name
+        target.parent.mkdir(parents=True, exist_ok=True)
+        if source.is_dir():
+            shutil.copytree(source, target, ignore=shutil.ignore_patterns("__pycache__"))
+        else:
+            shutil.copy2(source, target)
+    (folder / "params.yaml").write_text(yaml.safe_dump(PIPELINE_PARAMS, sort_keys=False))
+    run(["git", "init", "-q"], folder)
+    run(["git", "add", "-A"], folder)
+    run(["git", "-c", "user.name=test", "-c", "user.email=test@example.com", "commit", "-qm", "project"], folder)
+    return folder
+
+
+def environment() -> dict[str, str]:
+    return {**os.environ, "OMP_NUM_THREADS": "1", "DVC_NO_ANALYTICS": "1"}
+
+
+def run(command: list[str], cwd: Path) -> str:
+    result = subprocess.run(command, cwd=cwd, capture_output=True, text=True, env=environment(), timeout=600)
+    assert result.returncode == 0, f"{command} failed:\n{result.stdout}\n{result.stderr}"
+    return result.stdout + result.stderr
+
+
+def stages_run(output: str) -> set[str]:
+    return {line.split("'")[1] for line in output.splitlines() if line.startswith("Running stage '")}
+
+
+def digests(folder: Path) -> dict[str, str]:
+    return {path: hashlib.sha256((folder / path).read_bytes()).hexdigest() for path in ARTIFACTS}
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    folder = make_project(tmp_path_factory.mktemp("pipeline") / "project")
+    output = run(["dvc", "repro"], folder)
+    assert stages_run(output) == {"prepare", *(f"{stage}@{family}" for stage in ("train", "encode", "evaluate",
+                                                                                  "render") for family in FAMILIES)}
+    return folder
+
+
+def test_every_artifact_exists_and_is_valid(project: Path) -> None:
+    with DatasetFile(project / "data/prepared/dataset.h5") as dataset:
+        assert dataset.num_images == 600
+    for family in FAMILIES:
+        model_dir = project / "models" / family
+        assert {p.name for p in model_dir.iterdir()} >= {"model.safetensors", "config.json", "checkpoint.pt"}
+        assert json.loads((model_dir / "config.json").read_text())["family"] == family
+        with CodesFile(project / "data" / "codes" / f"{family}.h5", family=family) as codes:
+            assert len(codes) == 600
+        metrics = json.loads((project / "metrics" / f"{family}.json").read_text())
+        assert metrics["reconstruction"]["mse"] > 0
+        assert (project / "dvclive" / family / "metrics.json").exists()
+        assert sorted(p.suffix for p in (project / "renders" / family).iterdir())[-1] == ".png"
+    assert (project / "dvc.lock").exists()
+
+
+def test_dvc_shows_metrics_and_plots(project: Path) -> None:
+    metrics = json.loads(run(["dvc", "metrics", "show", "--json"], project))
+    shown = json.dumps(metrics)
+    for key in ("metrics/jointvae.json", "metrics/vqvae.json", "dvclive/jointvae/metrics.json", "negative_elbo",
+                "perplexity", "mig"):
+        assert key in shown, key
+    plots = run(["dvc", "plots", "show", "--json"], project)
+    for picture in ("renders/jointvae/traversals.png", "renders/vqvae/code_maps.png", "renders/vqvae/code_usage.csv",
+                    "dvclive/vqvae/plots/metrics/train/loss.tsv"):
+        assert picture in plots, picture
+
+
+def test_second_repro_does_nothing_and_render_steps_rerun_only_render(project: Path) -> None:
+    assert stages_run(run(["dvc", "repro"], project)) == set()
+    params = yaml.safe_load((project / "params.yaml").read_text())
+    params["render"]["steps"] = 5
+    (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    assert stages_run(run(["dvc", "repro"], project)) == {"render@jointvae", "render@vqvae"}
+
+    params["vqvae"]["num_codes"] = 32
+    (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    changed = json.loads(run(["dvc", "status", "--json"], project))
+    assert {stage.split(":")[-1] for stage in changed} == {"train@vqvae"}  # encode/evaluate/render@vqvae follow it
+
+
+def test_a_killed_repro_resumes_and_two_clones_give_identical_files(project: Path, tmp_path: Path) -> None:
+    clone = make_project(tmp_path / "clone")
+    checkpoint = clone / "models" / "jointvae" / "checkpoint.pt"
+    process = subprocess.Popen(["dvc", "repro"], cwd=clone, env=environment(), stdout=subprocess.DEVNULL,
+                               stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.monotonic() + 300
+    while not checkpoint.exists() and process.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    os.killpg(process.pid, signal.SIGKILL)
+    process.wait()
+    assert checkpoint.exists() and not (clone / "models" / "jointvae" / "model.safetensors").exists()
+
+    output = run(["dvc", "repro"], clone)
+    assert "jointvae: resumed from step" in output
+    assert digests(clone) == digests(project)
