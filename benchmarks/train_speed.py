@@ -25,7 +25,7 @@ from torch.utils.data import DataLoader, Dataset
 from torch.utils.flop_counter import FlopCounterMode
 from torchvision import transforms
 
-from dvae_cli.config import Params, build
+from dvae_cli.config import Params, build, load_params
 from dvae_cli.dataset import DatasetChunk, DatasetInfo, DatasetWriter
 from dvae_cli.models import DataShape, build_model
 from dvae_cli.runtime import resolve_runtime
@@ -45,7 +45,9 @@ def setups(family: str) -> list[Setup]:
     if family == "jointvae":
         return [Setup("jointvae dSprites 64×64 (reference architecture), batch 64", "jointvae",
                       {"continuous": 6, "discrete": [3], "batch_size": 64}, 1, 64, 64)]
-    quick = {"hidden": 64, "res_blocks": 1, "downsample": 4, "num_codes": 64, "code_dim": 16, "batch_size": 64}
+    shipped = load_params(Path("params.yaml"), missing_ok=True).vqvae
+    quick = {key: getattr(shipped, key) for key in ("hidden", "res_blocks", "downsample", "num_codes", "code_dim",
+                                                    "batch_size")}
     cifar = {"hidden": 256, "res_blocks": 2, "downsample": 4, "num_codes": 512, "code_dim": 64, "batch_size": 128}
     return [Setup("vqvae quick config (params.yaml), dSprites 64×64, batch 64", "vqvae", quick, 1, 64, 64),
             Setup("vqvae CIFAR-10 architecture (paper), 3×32×32, batch 128", "vqvae", cifar, 3, 32, 128)]

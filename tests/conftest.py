@@ -110,6 +110,17 @@ TINY_PARAMS: dict[str, Any] = {
 }
 
 
+@pytest.fixture(scope="session")
+def tiny_dataset(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The dataset file of TINY_PARAMS (600 dSprites images at 32×32), shared read-only by the session."""
+    from dvae_cli.config import build, Params
+    from dvae_cli.prepare import prepare_data
+
+    dataset = tmp_path_factory.mktemp("tiny_dataset") / "dataset.h5"
+    prepare_data(build(Params, TINY_PARAMS), dataset, show_progress=False)
+    return dataset
+
+
 @dataclass(frozen=True)
 class TrainedProject:
     """A project folder with a tiny dSprites dataset (600 images, 32×32) and both models trained (30 steps each)."""

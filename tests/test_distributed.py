@@ -16,7 +16,6 @@ import torch
 import torch.multiprocessing as mp
 
 from dvae_cli.config import load_params
-from dvae_cli.prepare import prepare_data
 from dvae_cli.trainer import TrainPaths, train
 from tests.test_trainer import write_params
 
@@ -27,14 +26,6 @@ def free_port() -> int:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         return probe.getsockname()[1]
-
-
-@pytest.fixture(scope="module")
-def dataset(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    folder = tmp_path_factory.mktemp("distributed_data")
-    path = folder / "dataset.h5"
-    prepare_data(load_params(write_params(folder)), path, show_progress=False)
-    return path
 
 
 def ddp_changes(family: str) -> dict:
@@ -56,16 +47,16 @@ def _rank_worker(rank: int, world_size: int, port: int, folder: str, dataset: st
 
 
 @pytest.mark.parametrize("family", ["jointvae", "vqvae"])
-def test_two_processes_of_half_batches_equal_one_process(tmp_path: Path, dataset: Path, family: str) -> None:
+def test_two_processes_of_half_batches_equal_one_process(tmp_path: Path, tiny_dataset: Path, family: str) -> None:
     single_folder, ddp_folder = tmp_path / "single", tmp_path / "ddp"
     params = load_params(write_params(single_folder, **ddp_changes(family)))
     write_params(ddp_folder, **ddp_changes(family))
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
-    single = train(params, family, TrainPaths(dataset, single_folder / "models" / family,
+    single = train(params, family, TrainPaths(tiny_dataset, single_folder / "models" / family,
                                               single_folder / "dvclive" / family), show_progress=False).model
     torch.set_num_threads(threads)
-    mp.spawn(_rank_worker, args=(2, free_port(), str(ddp_folder), str(dataset), family), nprocs=2, join=True)
+    mp.spawn(_rank_worker, args=(2, free_port(), str(ddp_folder), str(tiny_dataset), family), nprocs=2, join=True)
     ranks = [torch.load(ddp_folder / f"rank{rank}.pt") for rank in range(2)]
 
     for name, value in ranks[0].items():
@@ -86,9 +77,9 @@ def dvae(*args: str, cwd: Path, **kwargs) -> subprocess.Popen:
                             stderr=subprocess.PIPE, text=True, **kwargs)
 
 
-def test_indivisible_batch_is_a_clear_error(tmp_path: Path, dataset: Path) -> None:
+def test_indivisible_batch_is_a_clear_error(tmp_path: Path, tiny_dataset: Path) -> None:
     params = write_params(tmp_path, **{"vqvae.batch_size": 33})
-    process = dvae("train", "--model", "vqvae", "--nproc", "2", "--params", str(params), "--dataset", str(dataset),
+    process = dvae("train", "--model", "vqvae", "--nproc", "2", "--params", str(params), "--dataset", str(tiny_dataset),
                    cwd=tmp_path)
     _, stderr = process.communicate(timeout=300)
     assert process.returncode == 2
@@ -96,9 +87,9 @@ def test_indivisible_batch_is_a_clear_error(tmp_path: Path, dataset: Path) -> No
     assert not (tmp_path / "models").exists()
 
 
-def test_a_killed_rank_ends_the_run_within_the_timeout(tmp_path: Path, dataset: Path) -> None:
+def test_a_killed_rank_ends_the_run_within_the_timeout(tmp_path: Path, tiny_dataset: Path) -> None:
     params = write_params(tmp_path, **{"vqvae.epochs": 200})
-    process = dvae("train", "--model", "vqvae", "--nproc", "2", "--params", str(params), "--dataset", str(dataset),
+    process = dvae("train", "--model", "vqvae", "--nproc", "2", "--params", str(params), "--dataset", str(tiny_dataset),
                    cwd=tmp_path)
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline and not (tmp_path / "dvclive" / "vqvae" / "metrics.json").exists():

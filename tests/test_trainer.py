@@ -42,14 +42,6 @@ def write_params(folder: Path, **changes: Any) -> Path:
     return path
 
 
-@pytest.fixture(scope="module")
-def tiny_dataset(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    folder = tmp_path_factory.mktemp("trainer_data")
-    dataset = folder / "dataset.h5"
-    prepare_data(load_params(write_params(folder)), dataset, show_progress=False)
-    return dataset
-
-
 def run_training(folder: Path, dataset: Path, family: str, restart: bool = False, **changes: Any) -> Path:
     params = load_params(write_params(folder, **changes))
     paths = TrainPaths(dataset, folder / "models" / family, folder / "dvclive" / family)
