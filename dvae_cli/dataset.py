@@ -26,6 +26,8 @@ TRAIN, VAL, TEST = 0, 1, 2
 IMAGES_PER_CHUNK = 64
 COMPRESSION = "gzip"
 COMPRESSION_LEVEL = 1
+ROWS_PER_READ = 16384
+"""Rows read at a time when gathering scattered rows."""
 
 
 @dataclass(frozen=True)
@@ -175,25 +177,10 @@ class DatasetFile:
                 return split
         raise UserError(f"{self.path} has no test or val images; prepare it with a non-zero test or val fraction")
 
-    def read_images(self, indices: np.ndarray | None = None, block: int = 16384) -> np.ndarray:
+    def read_images(self, indices: np.ndarray | None = None, block: int = ROWS_PER_READ) -> np.ndarray:
         """uint8 [n, C, H, W] for sorted row `indices` (all rows when None), read block by block."""
         images = self.file["images"]
-        if indices is None:
-            return images[:]
-        if np.any(np.diff(indices) <= 0):
-            raise ValueError("indices must be sorted, unique and in range")
-        out = np.empty((len(indices), *images.shape[1:]), dtype=np.uint8)
-        written = 0
-        for start in range(0, self.num_images, block):
-            stop = min(start + block, self.num_images)
-            in_block = indices[(indices >= start) & (indices < stop)]
-            if len(in_block):
-                rows = images[start:stop]
-                out[written:written + len(in_block)] = rows[in_block - start]
-                written += len(in_block)
-        if written != len(indices):
-            raise ValueError("indices must be sorted, unique and in range")
-        return out
+        return images[:] if indices is None else read_rows(images, indices, block)
 
     def close(self) -> None:
         self.file.close()
@@ -203,6 +190,23 @@ class DatasetFile:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def read_rows(array: h5py.Dataset, rows: np.ndarray, block: int = ROWS_PER_READ) -> np.ndarray:
+    """array[rows] for sorted, unique `rows`, read block by block (h5py's fancy indexing is slow on many rows)."""
+    if np.any(np.diff(rows) <= 0):
+        raise ValueError("rows must be sorted, unique and in range")
+    out = np.empty((len(rows), *array.shape[1:]), dtype=array.dtype)
+    written = 0
+    for start in range(0, array.shape[0], block):
+        stop = min(start + block, array.shape[0])
+        in_block = rows[(rows >= start) & (rows < stop)]
+        if len(in_block):
+            out[written:written + len(in_block)] = array[start:stop][in_block - start]
+            written += len(in_block)
+    if written != len(rows):
+        raise ValueError("rows must be sorted, unique and in range")
+    return out
 
 
 def open_hdf5(path: Path, expected_format: str, expected_version: int, what: str, maker: str) -> h5py.File:

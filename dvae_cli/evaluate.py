@@ -23,13 +23,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import h5py
 import numpy as np
 import torch
 import torch.nn.functional as F
 
 from dvae_cli.config import JointVAEConfig, Params, VQVAEConfig
-from dvae_cli.dataset import SPLIT_NAMES, TRAIN, DatasetFile, DatasetInfo
+from dvae_cli.dataset import SPLIT_NAMES, TRAIN, DatasetFile, DatasetInfo, read_rows
 from dvae_cli.encode import CodesFile, prepare_for_runtime
 from dvae_cli.errors import UserError
 from dvae_cli.files import sha256_file, write_json_atomic
@@ -62,9 +61,6 @@ so it uses a subsample of the factor sample."""
 
 PROBE_MAX_TRAIN_ROWS = 10000
 """The VQ-VAE linear probe is fit on a seeded sample of at most this many train-split code maps."""
-
-ROWS_PER_READ = 16384
-"""Rows of a codes-file array read at a time when gathering scattered rows."""
 
 Sections = dict[str, Any]
 """Nested sections of numbers: {"reconstruction": {"mse": ...}, "labels": {"discrete_0": {...}}, ...}."""
@@ -147,19 +143,6 @@ def timed(seconds: dict[str, float], name: str) -> Iterator[None]:
     started = time.perf_counter()
     yield
     seconds[name] = seconds.get(name, 0.0) + time.perf_counter() - started
-
-
-def read_rows(array: h5py.Dataset, rows: np.ndarray, block: int = ROWS_PER_READ) -> np.ndarray:
-    """array[rows] for sorted unique `rows`, read block by block (h5py's fancy indexing is slow on many rows)."""
-    out = np.empty((len(rows), *array.shape[1:]), dtype=array.dtype)
-    written = 0
-    for start in range(0, array.shape[0], block):
-        stop = min(start + block, array.shape[0])
-        in_block = rows[(rows >= start) & (rows < stop)]
-        if len(in_block):
-            out[written:written + len(in_block)] = array[start:stop][in_block - start]
-            written += len(in_block)
-    return out
 
 
 def _as_tensor(array: np.ndarray, device: torch.device) -> torch.Tensor:

@@ -16,6 +16,7 @@ from dvae_cli.dataset import (
     DatasetFile,
     DatasetInfo,
     DatasetWriter,
+    read_rows,
 )
 from dvae_cli.errors import UserError
 from dvae_cli.files import atomic_path, sha256_file, temp_path_for, write_json_atomic
@@ -315,3 +316,13 @@ def test_sha256_file(tmp_path):
     path = tmp_path / "data.bin"
     path.write_bytes(b"abc")
     assert sha256_file(path) == "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
+
+
+def test_read_rows_gathers_scattered_rows_across_blocks(tmp_path: Path) -> None:
+    values = np.arange(50 * 3).reshape(50, 3)
+    rows = np.array([0, 4, 5, 17, 33, 49])
+    with h5py.File(tmp_path / "rows.h5", "w") as file:
+        file.create_dataset("values", data=values)
+        np.testing.assert_array_equal(read_rows(file["values"], rows, block=7), values[rows])
+        with pytest.raises(ValueError, match="sorted, unique and in range"):
+            read_rows(file["values"], np.array([5, 4]))

@@ -31,7 +31,6 @@ from dvae_cli.evaluate import (
     factor_representation,
     finite_only,
     gaussian_nll_per_image,
-    read_rows,
     reconstruction_metrics,
     reconstruction_totals,
 )
@@ -108,14 +107,6 @@ def test_perfect_reconstruction_leaves_psnr_out_of_the_json():
 def test_finite_only_drops_non_finite_numbers_and_empty_sections():
     sections = {"a": {"x": 1.0, "y": math.inf, "z": {"nan": math.nan}}, "b": {"n": 3}, "c": {"gone": -math.inf}}
     assert finite_only(sections) == {"a": {"x": 1.0}, "b": {"n": 3}}
-
-
-def test_read_rows_gathers_scattered_rows_across_blocks(tmp_path):
-    values = np.arange(50 * 3).reshape(50, 3)
-    rows = np.array([0, 4, 5, 17, 33, 49])
-    with h5py.File(tmp_path / "rows.h5", "w") as file:
-        file.create_dataset("values", data=values)
-        np.testing.assert_array_equal(read_rows(file["values"], rows, block=7), values[rows])
 
 
 def test_factor_representation_is_continuous_means_then_discrete_argmax():
