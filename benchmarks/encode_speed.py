@@ -28,7 +28,7 @@ import torch
 
 from dvae_cli.config import load_params, parse_set_options
 from dvae_cli.dataset import DatasetFile
-from dvae_cli.encode import EncodePaths, encode_dataset, images_to_input, prepare_for_runtime
+from dvae_cli.encode import EncodePaths, encode_dataset
 from dvae_cli.models import DataShape, build_model
 from dvae_cli.modelstore import load_model, save_model
 from dvae_cli.prepare import prepare_data
@@ -42,12 +42,12 @@ def forward_images_per_second(model: torch.nn.Module, images: torch.Tensor, batc
                               runtime: Runtime) -> float:
     data = runtime.place(images)
     with runtime.autocast():
-        model.encode(images_to_input(data[:batch_size], runtime))  # warm-up: kernel selection, allocator
+        model.encode(runtime.images(data[:batch_size]))  # warm-up: kernel selection, allocator
     synchronize(runtime)
     started = time.perf_counter()
     for start in range(0, len(data), batch_size):
         with runtime.autocast():
-            model.encode(images_to_input(data[start:start + batch_size], runtime))
+            model.encode(runtime.images(data[start:start + batch_size]))
     synchronize(runtime)
     return len(data) / (time.perf_counter() - started)
 
@@ -99,7 +99,7 @@ def main() -> None:
 
         first = args.rows[0]
         loaded = load_model(model_dir, args.family, runtime.device)
-        model = prepare_for_runtime(loaded, runtime)
+        model = runtime.prepare(loaded.model)
         with DatasetFile(datasets[first]) as dataset:
             images = torch.from_numpy(dataset.read_images())
         # Alternating rounds, best of each: the two figures see the same machine load.

@@ -192,6 +192,19 @@ class DatasetFile:
         self.close()
 
 
+def pixel_histogram(images: np.ndarray) -> np.ndarray:
+    """Counts [256] of each uint8 value over all pixels."""
+    return np.bincount(images.reshape(-1), minlength=256)
+
+
+def pixel_variance(histogram: np.ndarray) -> float:
+    """Variance of all pixels on [0, 1], exact, from their 256-bin histogram."""
+    counts = histogram.astype(np.float64)
+    values = np.arange(256) / 255.0
+    mean = (counts * values).sum() / counts.sum()
+    return float((counts * (values - mean) ** 2).sum() / counts.sum())
+
+
 def read_rows(array: h5py.Dataset, rows: np.ndarray, block: int = ROWS_PER_READ) -> np.ndarray:
     """array[rows] for sorted, unique `rows`, read block by block (h5py's fancy indexing is slow on many rows)."""
     if np.any(np.diff(rows) <= 0):

@@ -98,17 +98,6 @@ def chunk_rows(specs: Sequence[ArraySpec], num_rows: int) -> int:
     return max(1, min(ROWS_PER_CHUNK, CHUNK_BYTES // max(widest, 1), num_rows))
 
 
-def prepare_for_runtime(loaded: LoadedModel, runtime: Runtime) -> DiscreteVAE:
-    model = loaded.model
-    return model.to(memory_format=torch.channels_last) if runtime.channels_last else model
-
-
-def images_to_input(block: Tensor, runtime: Runtime) -> Tensor:
-    """uint8 [n, C, H, W] → float on the runtime's device in [0, 1], in the runtime's memory format."""
-    x = block.to(runtime.device, non_blocking=True).float().div_(255)
-    return x.contiguous(memory_format=torch.channels_last) if runtime.channels_last else x
-
-
 def _float32_if_floating(tensor: Tensor) -> Tensor:
     return tensor.float() if tensor.is_floating_point() else tensor
 
@@ -205,7 +194,7 @@ def encode_rows(model: DiscreteVAE, images: h5py.Dataset, rows: range, batch_siz
             if start + batch_size < rows.stop:
                 ahead = reader.submit(read, start + batch_size)
             with runtime.autocast():
-                latent = model.encode(images_to_input(block, runtime))
+                latent = model.encode(runtime.images(block))
             write(start, latent)
             advance(len(block))
 
@@ -393,12 +382,12 @@ def encode_dataset(params: Params, family: str, paths: EncodePaths,
     cluster = join_cluster(runtime.device)
     try:
         loaded = load_model(paths.model_dir, family, runtime.device)
-        model = prepare_for_runtime(loaded, runtime)
+        model = runtime.prepare(loaded.model)
         with DatasetFile(paths.dataset) as dataset:
             check_image_shape(dataset.info, loaded, paths.dataset, paths.model_dir)
             images = dataset.file["images"]
             with torch.no_grad(), runtime.autocast():
-                specs = latent_specs(model, model.encode(images_to_input(torch.from_numpy(images[:1]), runtime)))
+                specs = latent_specs(model, model.encode(runtime.images(torch.from_numpy(images[:1]))))
             job = EncodeJob(model=model, images=images, specs=specs, rows_per_chunk=chunk_rows(specs, len(images)),
                             batch_size=params.encode.batch_size, runtime=runtime)
             rows = batch_aligned_slices(job.num_rows, job.batch_size, cluster.world_size)[cluster.rank]
@@ -421,7 +410,7 @@ def _plain(value: Any) -> Any:
     return value
 
 
-def _as_tensor(array: np.ndarray) -> Tensor:
+def as_tensor(array: np.ndarray) -> Tensor:
     """Integer arrays as int64 (what embeddings and cross-entropy take), the rest as float32."""
     if array.dtype.kind in "iub":
         return torch.from_numpy(array.astype(np.int64))
@@ -518,10 +507,10 @@ class CodesFile:
             buffered = arrays if buffered is None else {
                 name: np.concatenate([buffered[name], arrays[name]]) for name in names}
             while len(buffered[names[0]]) >= batch_size:
-                yield {name: _as_tensor(values[:batch_size]) for name, values in buffered.items()}
+                yield {name: as_tensor(values[:batch_size]) for name, values in buffered.items()}
                 buffered = {name: values[batch_size:] for name, values in buffered.items()}
         if buffered is not None and len(buffered[names[0]]):
-            yield {name: _as_tensor(values) for name, values in buffered.items()}
+            yield {name: as_tensor(values) for name, values in buffered.items()}
 
     def close(self) -> None:
         self.file.close()
@@ -593,7 +582,7 @@ def decode_batches(model: DiscreteVAE, codes: CodesFile, rows: range, batch_size
     """(rows, images float32 [n, C, H, W] in [0, 1] on the CPU) for consecutive batches of `rows`."""
     for start in range(rows.start, rows.stop, batch_size):
         batch_rows = range(start, min(start + batch_size, rows.stop))
-        latent = {name: _as_tensor(values).to(runtime.device)
+        latent = {name: as_tensor(values).to(runtime.device)
                   for name, values in codes.read_rows(batch_rows.start, batch_rows.stop, codes.latent_names).items()}
         with runtime.autocast():
             images = model.decode(latent)
@@ -646,7 +635,7 @@ def decode_codes_file(params: Params, codes_path: Path, out: Path, rows_text: st
         folder = model_dir or codes.model_dir
         loaded = load_model(folder, codes.family, runtime.device)
         weights_match = check_model_matches(codes, loaded, folder, force)
-        batches = decode_batches(prepare_for_runtime(loaded, runtime), codes, rows, params.encode.batch_size, runtime)
+        batches = decode_batches(runtime.prepare(loaded.model), codes, rows, params.encode.batch_size, runtime)
         with atomic_path(out) as tmp, \
                 progress_bar(f"decode {codes.family}", len(rows), enabled=show_progress) as advance:
             if as_image:

@@ -28,8 +28,8 @@ import torch
 import torch.nn.functional as F
 
 from dvae_cli.config import JointVAEConfig, Params, VQVAEConfig
-from dvae_cli.dataset import SPLIT_NAMES, TRAIN, DatasetFile, DatasetInfo, read_rows
-from dvae_cli.encode import CodesFile, prepare_for_runtime
+from dvae_cli.dataset import SPLIT_NAMES, TRAIN, DatasetFile, DatasetInfo, pixel_histogram, pixel_variance, read_rows
+from dvae_cli.encode import CodesFile, as_tensor
 from dvae_cli.errors import UserError
 from dvae_cli.files import sha256_file, write_json_atomic
 from dvae_cli.metrics import (
@@ -145,37 +145,29 @@ def timed(seconds: dict[str, float], name: str) -> Iterator[None]:
     seconds[name] = seconds.get(name, 0.0) + time.perf_counter() - started
 
 
-def _as_tensor(array: np.ndarray, device: torch.device) -> torch.Tensor:
-    """Integer arrays as int64 (torch has few kernels for uint16), floats as float32."""
-    dtype = np.int64 if array.dtype.kind in "ui" else np.float32
-    return torch.from_numpy(np.ascontiguousarray(array, dtype=dtype)).to(device)
-
-
 @torch.inference_mode()
 def reconstruction_totals(loaded: LoadedModel, latent: dict[str, np.ndarray], images: np.ndarray,
                           batch_size: int, device: torch.device, show_progress: bool) -> ReconstructionTotals:
     """Decode `latent` (codes-file arrays of the evaluation rows) batch by batch and sum the errors against `images`."""
-    counts = np.bincount(images.reshape(-1), minlength=256)
+    counts = pixel_histogram(images)
     squared_error = torch.zeros((), dtype=torch.float64, device=device)
     bernoulli_nll = torch.zeros((), dtype=torch.float64, device=device)
     with progress_bar(f"evaluate {loaded.family}", len(images), enabled=show_progress) as advance:
         for start in range(0, len(images), batch_size):
             stop = min(start + batch_size, len(images))
             x = torch.from_numpy(images[start:stop]).to(device).float().div_(255)
-            decoded = loaded.model.decode({name: _as_tensor(array[start:stop], device)
+            decoded = loaded.model.decode({name: as_tensor(array[start:stop]).to(device)
                                            for name, array in latent.items()}).float()
             squared_error += (decoded - x).pow(2).sum(dtype=torch.float64)
             probabilities = decoded.clamp(PROBABILITY_FLOOR, 1.0 - PROBABILITY_FLOOR)
             bernoulli_nll += F.binary_cross_entropy(probabilities, x, reduction="sum").double()
             advance(stop - start)
-    values = np.arange(256) / 255.0
-    mean = (counts * values).sum() / counts.sum()
     return ReconstructionTotals(
         images=len(images),
         pixels_per_image=int(np.prod(images.shape[1:])),
         squared_error=squared_error.item(),
         bernoulli_nll=bernoulli_nll.item(),
-        pixel_variance=float((counts * (values - mean) ** 2).sum() / counts.sum()),
+        pixel_variance=pixel_variance(counts),
         binary=not counts[1:255].any(),
     )
 
@@ -387,7 +379,7 @@ def evaluate(params: Params, family: str, paths: EvaluatePaths, show_progress: b
     runtime = resolve_runtime(params.train)
     device = runtime.device
     loaded = load_model(paths.model_dir, family, device)
-    loaded.model = prepare_for_runtime(loaded, runtime)
+    loaded.model = runtime.prepare(loaded.model)
     with DatasetFile(paths.dataset) as dataset, _open_codes(paths, family, loaded, dataset) as codes:
         split = dataset.evaluation_split()
         rows = dataset.indices(split)

@@ -30,6 +30,16 @@ class Runtime:
             return contextlib.nullcontext()
         return torch.autocast(self.device.type, dtype=self.autocast_dtype)
 
+    def images(self, batch: torch.Tensor) -> torch.Tensor:
+        """uint8 [n, C, H, W] → float in [0, 1] on the device, in the runtime's memory format (model input)."""
+        x = batch.to(self.device, non_blocking=True).float().div_(255)
+        return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
+
+    def prepare(self, model: torch.nn.Module) -> torch.nn.Module:
+        """The model on the device, in the runtime's memory format."""
+        model = model.to(self.device)
+        return model.to(memory_format=torch.channels_last) if self.channels_last else model
+
     def place(self, data: torch.Tensor) -> torch.Tensor:
         """The uint8 dataset on the GPU when it fits, else in (pinned) host memory."""
         if self.device.type == "cuda":

@@ -22,7 +22,7 @@ from torch.nn.parallel import DistributedDataParallel
 from dvae_cli import __version__
 from dvae_cli.checkpoint import load_checkpoint, save_checkpoint
 from dvae_cli.config import Params
-from dvae_cli.dataset import TRAIN, VAL, DatasetFile
+from dvae_cli.dataset import TRAIN, VAL, DatasetFile, pixel_histogram, pixel_variance
 from dvae_cli.distributed import all_reduce_sum, join_cluster, leave_cluster
 from dvae_cli.errors import TrainingDiverged, UserError
 from dvae_cli.files import sha256_file
@@ -55,14 +55,6 @@ class TrainResult:
     seconds: float
 
 
-def pixel_variance(images: np.ndarray) -> float:
-    """Variance of all pixels on [0, 1], exact, from the 256-bin histogram of uint8 values."""
-    counts = np.bincount(images.reshape(-1), minlength=256).astype(np.float64)
-    values = np.arange(256) / 255.0
-    mean = (counts * values).sum() / counts.sum()
-    return float((counts * (values - mean) ** 2).sum() / counts.sum())
-
-
 def epoch_permutation(seed: int, epoch: int, num_rows: int) -> Tensor:
     generator = torch.Generator().manual_seed(int(np.random.SeedSequence([seed, epoch]).generate_state(1)[0]))
     return torch.randperm(num_rows, generator=generator)
@@ -88,8 +80,7 @@ def _first_difference(old: dict[str, Any], new: dict[str, Any], prefix: str = ""
 
 
 def _batch(data: Tensor, rows: Tensor, runtime: Runtime) -> Tensor:
-    x = data[rows.to(data.device)].to(runtime.device, non_blocking=True).float().div_(255)
-    return x.contiguous(memory_format=torch.channels_last) if runtime.channels_last else x
+    return runtime.images(data[rows.to(data.device)])
 
 
 @torch.no_grad()
@@ -145,14 +136,12 @@ def train(params: Params, family: str, paths: TrainPaths, restart: bool = False,
                             f"{family}.batch_size {config.batch_size}; lower the batch size or prepare more data")
         train_images = dataset.read_images(train_rows)
         val_images = dataset.read_images(val_rows)
-        data_shape = DataShape(dataset.info.channels, dataset.info.image_size, pixel_variance(train_images))
+        data_shape = DataShape(dataset.info.channels, dataset.info.image_size, pixel_variance(pixel_histogram(train_images)))
     dataset_sha256 = sha256_file(paths.dataset)
     fingerprint = run_fingerprint(params, family, dataset_sha256)
 
     torch.manual_seed(params.seed)
-    model = build_model(family, config, data_shape).to(runtime.device)
-    if runtime.channels_last:
-        model = model.to(memory_format=torch.channels_last)
+    model = runtime.prepare(build_model(family, config, data_shape))
     optimizer = torch.optim.Adam(model.parameters(), lr=config.lr)
     scaler = torch.amp.GradScaler(runtime.device.type, enabled=runtime.needs_grad_scaler)
     step, epoch_counts, logged = 0, {}, {}

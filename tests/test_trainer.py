@@ -22,7 +22,8 @@ from dvae_cli.config import load_params
 from dvae_cli.errors import TrainingDiverged, UserError
 from dvae_cli.models.jointvae import JointVAE
 from dvae_cli.prepare import prepare_data
-from dvae_cli.trainer import TrainPaths, epoch_permutation, pixel_variance, train
+from dvae_cli.dataset import pixel_histogram, pixel_variance
+from dvae_cli.trainer import TrainPaths, epoch_permutation, train
 from tests.conftest import TINY_PARAMS
 
 FAMILIES = ("jointvae", "vqvae")
@@ -55,7 +56,7 @@ def weights_bytes(model_dir: Path) -> bytes:
 
 def test_pixel_variance_is_exact() -> None:
     images = torch.tensor([0, 255, 255, 0], dtype=torch.uint8).numpy()
-    assert pixel_variance(images) == pytest.approx(0.25)
+    assert pixel_variance(pixel_histogram(images)) == pytest.approx(0.25)
 
 
 def test_epoch_permutation_depends_on_seed_and_epoch_only() -> None:
