@@ -107,6 +107,14 @@ def test_dvc_shows_metrics_and_plots(project: Path) -> None:
         assert picture in plots, picture
 
 
+def test_forced_train_of_a_finished_run_resumes_at_its_end_and_changes_nothing(project: Path) -> None:
+    before = (project / "dvclive" / "vqvae" / "metrics.json").read_text()
+    output = run(["dvc", "repro", "--force", "--single-item", "train@vqvae"], project)
+    assert "vqvae: resumed from step 30" in output
+    assert (project / "dvclive" / "vqvae" / "metrics.json").read_text() == before
+    assert stages_run(run(["dvc", "repro"], project)) == set()
+
+
 def test_second_repro_does_nothing_and_render_steps_rerun_only_render(project: Path) -> None:
     assert stages_run(run(["dvc", "repro"], project)) == set()
     params = yaml.safe_load((project / "params.yaml").read_text())
@@ -134,4 +142,6 @@ def test_a_killed_repro_resumes_and_two_clones_give_identical_files(project: Pat
 
     output = run(["dvc", "repro"], clone)
     assert "jointvae: resumed from step" in output
+    summary = json.loads((clone / "dvclive" / "jointvae" / "metrics.json").read_text())
+    assert summary["step"] == 60 and "loss" in summary["train"], "the resumed run keeps its DVCLive summary"
     assert digests(clone) == digests(project)
