@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import ctypes.util
 import os
+import sys
 from dataclasses import dataclass
 
 import torch
@@ -13,6 +16,11 @@ from dvae_cli.errors import UserError
 
 GPU_DATA_FRACTION = 0.4
 """Keep the uint8 data on the GPU when it takes at most this fraction of the free GPU memory."""
+
+# glibc mallopt parameters (malloc.h) and the largest mmap threshold it accepts on 64-bit (HEAP_MAX_SIZE / 2).
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
+_MAX_MMAP_THRESHOLD = 32 * 2**20
+_TRIM_THRESHOLD = 2**30
 
 
 @dataclass(frozen=True)
@@ -50,6 +58,25 @@ class Runtime:
         if self.device.type == "mps":
             return data.to(self.device)
         return data
+
+
+def keep_freed_host_memory() -> bool:
+    """Let glibc keep freed CPU tensors' memory for reuse instead of returning it to the kernel every step.
+
+    PyTorch frees each step's activations (megabytes each) to malloc, and glibc's defaults unmap or trim
+    them, so the next step page-faults them in afresh: about 4,700 page faults a step for the quick VQ-VAE
+    and 44,000 for the CIFAR-10 one, against none once these thresholds are raised. It is the effect of
+    preloading jemalloc or tcmalloc, which CPU tuning guides for PyTorch recommend, without a launcher.
+    Process-wide; returns False (and changes nothing) where the C library is not glibc.
+    """
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):
+        return False
+    return bool(mallopt(_M_MMAP_THRESHOLD, _MAX_MMAP_THRESHOLD)) and bool(mallopt(_M_TRIM_THRESHOLD, _TRIM_THRESHOLD))
 
 
 def resolve_device(name: str) -> torch.device:

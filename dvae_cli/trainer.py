@@ -29,7 +29,7 @@ from dvae_cli.files import sha256_file
 from dvae_cli.models import DataShape, DiscreteVAE, build_model
 from dvae_cli.modelstore import CHECKPOINT, save_model
 from dvae_cli.progress import progress_bar
-from dvae_cli.runtime import Runtime, resolve_runtime
+from dvae_cli.runtime import Runtime, keep_freed_host_memory, resolve_runtime
 
 VAL_IMAGES = 2048
 """Validation loss is measured on (at most) the first this many val images, at every epoch's end."""
@@ -123,6 +123,8 @@ def train(params: Params, family: str, paths: TrainPaths, restart: bool = False,
     started = time.perf_counter()
     config = params.model_config(family)
     runtime = resolve_runtime(params.train)
+    if runtime.device.type == "cpu":
+        keep_freed_host_memory()
     cluster = join_cluster(runtime.device)
     if config.batch_size % cluster.world_size:
         raise UserError(f"{family}.batch_size {config.batch_size} is not divisible by the world size "
