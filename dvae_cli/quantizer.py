@@ -176,8 +176,9 @@ class VectorQuantizer(nn.Module):
 
     def _cluster_statistics(self, vectors: Tensor, assignment: Tensor, across_ranks: bool = True) -> tuple[Tensor, Tensor]:
         """Per-code vector counts [K] and sums [K, D] (summed over all ranks unless `across_ranks` is False)."""
-        one_hot = F.one_hot(assignment, self.num_codes).to(vectors.dtype)
-        statistics = torch.cat([one_hot.sum(0, keepdim=True).t(), one_hot.t() @ vectors], dim=1)
+        counts = torch.bincount(assignment, minlength=self.num_codes).to(vectors.dtype)
+        sums = vectors.new_zeros(self.num_codes, self.code_dim).index_add_(0, assignment, vectors)
+        statistics = torch.cat([counts.unsqueeze(1), sums], dim=1)
         if across_ranks:
             all_reduce_sum(statistics)
         return statistics[:, 0], statistics[:, 1:]
