@@ -1,21 +1,28 @@
 """Training images/s of dvae's trainer beside the way reference implementations feed the same model.
 
-Usage: python benchmarks/train_speed.py --model jointvae|vqvae [--steps N] [--device auto|cpu|cuda]
+Usage: python benchmarks/train_speed.py --model jointvae|vqvae [--steps N] [--rounds R] [--device auto|cpu|cuda]
 
 dvae: `dvae_cli.trainer.train` itself (uint8 data in memory, batched by index, channels_last, autocast where
-the runtime picks it), timed over its second half of steps (the first half warms up).
+the runtime picks it, glibc keeping freed memory on CPU), timed over its second half of steps (the first half
+warms up).
 baseline, measured in the same run: the same model fed by a per-item `Dataset` with
 `transforms.ToTensor()` through `torch.utils.data.DataLoader` (shuffle, default workers), NCHW, eager fp32.
-Also printed: forward+backward FLOPs per image (torch's FlopCounterMode), this machine's fp32 matmul peak
-measured now, and the fraction of the resulting ceiling each reaches.
+Every measurement runs in a fresh interpreter, so nothing process-wide that dvae sets reaches the baseline;
+the two alternate for R rounds and the medians are printed, with the median of the per-round ratios (these
+shared machines drift by tens of percent within minutes; a ratio of neighbouring runs holds).
+Also printed: forward+backward FLOPs per image (torch's FlopCounterMode), and the fraction of the resulting
+ceiling each reaches at the fp32 matmul peak measured in the same interpreter right after it (median of rounds).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import multiprocessing
+import statistics
 import tempfile
 import time
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -65,9 +72,7 @@ def write_dataset(path: Path, images: np.ndarray) -> None:
     writer.append(DatasetChunk(images=images))
     writer.finish(np.zeros(len(images), dtype=np.uint8))
 
-def dvae_images_per_second(setup: Setup, images: np.ndarray, steps: int, device: str, folder: Path) -> float:
-    dataset = folder / f"{setup.family}.h5"
-    write_dataset(dataset, images)
+def dvae_images_per_second(setup: Setup, dataset: Path, steps: int, device: str, folder: Path) -> float:
     params = build(Params, {setup.family: {**setup.model, "epochs": 1000},
                             "train": {"max_steps": steps, "log_every": steps // 2, "checkpoint_every": 10**9,
                                       "device": device}})
@@ -139,33 +144,63 @@ def matmul_peak_gflops(device: torch.device) -> float:
         best = min(best, time.perf_counter() - started)
     return 2 * 2048**3 / best / 1e9
 
+def measure(kind: str, setup: Setup, steps: int, device: str, folder: Path) -> tuple[float, float]:
+    """One measurement, run in its own interpreter by `main`: images/s, then the matmul peak measured right after."""
+    torch_device = resolve_runtime(build(Params, {"train": {"device": device}}).train).device
+    if kind == "dvae":
+        speed = dvae_images_per_second(setup, folder / f"{setup.family}.h5", steps, device, folder)
+    else:
+        speed = baseline_images_per_second(setup, np.load(folder / f"{setup.family}.npy"), steps, torch_device)
+    return speed, matmul_peak_gflops(torch_device)
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", choices=("jointvae", "vqvae"), required=True)
     parser.add_argument("--steps", type=int, default=60, help="training steps per measurement (timed: the second half)")
+    parser.add_argument("--rounds", type=int, default=3, help="alternating dvae/baseline measurements per setup")
     parser.add_argument("--device", default="auto")
     args = parser.parse_args()
     device = resolve_runtime(build(Params, {"train": {"device": args.device}}).train).device
-    peak = matmul_peak_gflops(device)
-    print(f"device {device}, torch {torch.__version__}, {torch.get_num_threads()} threads, "
-          f"fp32 matmul peak measured now: {peak:.0f} GFLOP/s")
+    print(f"device {device}, torch {torch.__version__}, {torch.get_num_threads()} threads")
     results = []
-    with tempfile.TemporaryDirectory() as folder:
+    spawn = multiprocessing.get_context("spawn")
+    with tempfile.TemporaryDirectory() as name:
+        folder = Path(name)
         for setup in setups(args.model):
             steps = args.steps if setup.model.get("hidden", 0) < 256 else max(10, args.steps // 3)
             images = make_images(setup, max(4096, setup.batch_size * (steps + 1)))
+            np.save(folder / f"{setup.family}.npy", images)
+            write_dataset(folder / f"{setup.family}.h5", images)
             flops = flops_per_image(setup)
-            ceiling = peak * 1e9 / flops
-            ours = dvae_images_per_second(setup, images, steps, args.device, Path(folder))
-            baseline = baseline_images_per_second(setup, images, steps, device)
-            results.append({"setup": setup.name, "dvae_images_per_s": round(ours, 1),
-                            "baseline_images_per_s": round(baseline, 1), "speedup": round(ours / baseline, 2),
-                            "gflop_per_image": round(flops / 1e9, 4), "ceiling_images_per_s": round(ceiling),
-                            "dvae_fraction_of_ceiling": round(ours / ceiling, 3),
-                            "baseline_fraction_of_ceiling": round(baseline / ceiling, 3)})
-            print(f"{setup.name}\n  dvae {ours:8.1f} images/s   baseline {baseline:8.1f} images/s   "
-                  f"speedup {ours / baseline:.2f}×\n  {flops / 1e9:.4f} GFLOP/image fwd+bwd, ceiling {ceiling:.0f} "
-                  f"images/s: dvae at {ours / ceiling:.0%}, baseline at {baseline / ceiling:.0%}")
+            speeds: dict[str, list[float]] = {"dvae": [], "baseline": []}
+            shares: dict[str, list[float]] = {"dvae": [], "baseline": []}
+            peaks = []
+            for round_index in range(args.rounds):
+                order = ("dvae", "baseline") if round_index % 2 == 0 else ("baseline", "dvae")
+                for kind in order:
+                    with ProcessPoolExecutor(1, mp_context=spawn) as pool:
+                        speed, peak = pool.submit(measure, kind, setup, steps, args.device, folder).result()
+                    speeds[kind].append(speed)
+                    shares[kind].append(speed * flops / (peak * 1e9))
+                    peaks.append(peak)
+                print(f"  round {round_index + 1}: dvae {speeds['dvae'][-1]:.1f}, baseline "
+                      f"{speeds['baseline'][-1]:.1f} images/s", flush=True)
+            ours, baseline = statistics.median(speeds["dvae"]), statistics.median(speeds["baseline"])
+            ratios = [a / b for a, b in zip(speeds["dvae"], speeds["baseline"])]
+            speedup = statistics.median(ratios)
+            our_share, baseline_share = statistics.median(shares["dvae"]), statistics.median(shares["baseline"])
+            results.append({"setup": setup.name, "rounds": args.rounds, "dvae_images_per_s": round(ours, 1),
+                            "baseline_images_per_s": round(baseline, 1), "speedup": round(speedup, 2),
+                            "speedup_min": round(min(ratios), 2), "speedup_max": round(max(ratios), 2),
+                            "gflop_per_image": round(flops / 1e9, 4),
+                            "matmul_peak_gflops": [round(min(peaks)), round(max(peaks))],
+                            "dvae_fraction_of_ceiling": round(our_share, 3),
+                            "baseline_fraction_of_ceiling": round(baseline_share, 3)})
+            print(f"{setup.name}\n  dvae {ours:8.1f} images/s   baseline {baseline:8.1f} images/s   (medians of "
+                  f"{args.rounds} rounds)\n  speedup {speedup:.2f}× (median of the rounds' ratios; "
+                  f"{min(ratios):.2f}–{max(ratios):.2f})\n  {flops / 1e9:.4f} GFLOP/image fwd+bwd; share of the "
+                  f"ceiling (matmul peak {min(peaks):.0f}–{max(peaks):.0f} GFLOP/s): dvae {our_share:.0%}, "
+                  f"baseline {baseline_share:.0%}", flush=True)
     print(json.dumps(results))
 
 if __name__ == "__main__":
