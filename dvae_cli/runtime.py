@@ -65,7 +65,7 @@ def keep_freed_host_memory() -> bool:
 
     PyTorch frees each step's activations (megabytes each) to malloc, and glibc's defaults unmap or trim
     them, so the next step page-faults them in afresh: about 4,700 page faults a step for the quick VQ-VAE
-    and 44,000 for the CIFAR-10 one, against none once these thresholds are raised. It is the effect of
+    and 44,000 for the CIFAR-10 one, against about 70 and 0 once these thresholds are raised. It is the effect of
     preloading jemalloc or tcmalloc, which CPU tuning guides for PyTorch recommend, without a launcher.
     Process-wide; returns False (and changes nothing) where the C library is not glibc.
     """
