@@ -30,7 +30,6 @@ from typing import Any
 import h5py
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from dvae_cli import __version__
@@ -58,8 +57,6 @@ REQUIRED_ATTRIBUTES = ("model", "model_dir", "weights_sha256", "dataset_sha256",
                        "image_size", "channels")
 DECODE_ROWS = 64
 """Rows `dvae decode` decodes when --rows is not given."""
-MIN_TILE_PIXELS = 64
-"""PNG grids upscale each image (nearest neighbour, by a whole factor) to at least this side."""
 PRECISION_NAMES = {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
 
 
@@ -594,14 +591,10 @@ def to_uint8(images: Tensor) -> np.ndarray:
 
 
 def save_png_grid(images: Tensor, path: Path) -> None:
-    """A near-square grid; images smaller than MIN_TILE_PIXELS are upscaled by nearest neighbour."""
-    from torchvision.utils import make_grid, save_image
+    """A near-square grid of the images, tiled and upscaled as `dvae render` draws its grids."""
+    from dvae_cli.render import as_tiles, grid_image, save_png
 
-    scale = math.ceil(MIN_TILE_PIXELS / images.shape[-1])
-    if scale > 1:
-        images = F.interpolate(images, scale_factor=scale, mode="nearest")
-    grid = make_grid(images, nrow=math.ceil(math.sqrt(len(images))), padding=2, pad_value=1.0)
-    save_image(grid, path, format="png")
+    save_png(grid_image(as_tiles(images), math.ceil(math.sqrt(len(images)))), path)
 
 
 def write_decoded_dataset(codes: CodesFile, rows: range, batches: Iterator[tuple[range, Tensor]], path: Path,

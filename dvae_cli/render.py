@@ -126,7 +126,7 @@ def _font() -> ImageFont.ImageFont | ImageFont.FreeTypeFont:
     return ImageFont.load_default(size=FONT_SIZE)
 
 
-def _as_tiles(images: Tensor) -> Tensor:
+def as_tiles(images: Tensor) -> Tensor:
     """float RGB [n, 3, T, T] on the CPU: images in [0, 1] upscaled by an integer nearest-neighbour factor."""
     images = images.detach().float().cpu()
     if images.shape[1] == 1:
@@ -139,7 +139,7 @@ def _blank_tiles(count: int, like: Tensor) -> Tensor:
     return torch.full((count, *like.shape[1:]), BACKGROUND)
 
 
-def _grid_image(tiles: Tensor, columns: int) -> Image.Image:
+def grid_image(tiles: Tensor, columns: int) -> Image.Image:
     grid = make_grid(tiles, nrow=columns, padding=GRID_PADDING, pad_value=BACKGROUND)
     pixels = grid.mul(255).add_(0.5).clamp_(0, 255).to(torch.uint8).permute(1, 2, 0).contiguous().numpy()
     return Image.fromarray(pixels)
@@ -147,7 +147,7 @@ def _grid_image(tiles: Tensor, columns: int) -> Image.Image:
 
 def labelled_grid(tiles: Tensor, columns: int, row_labels: Sequence[Sequence[str]]) -> Image.Image:
     """A grid of `tiles` (row-major, rows × columns) with each row's label lines in a left margin."""
-    grid = _grid_image(tiles, columns)
+    grid = grid_image(tiles, columns)
     canvas = Image.new("RGB", (LABEL_WIDTH + grid.width, grid.height), (255, 255, 255))
     canvas.paste(grid, (LABEL_WIDTH, 0))
     draw = ImageDraw.Draw(canvas)
@@ -161,7 +161,7 @@ def labelled_grid(tiles: Tensor, columns: int, row_labels: Sequence[Sequence[str
     return canvas
 
 
-def _save_png(image: Image.Image, path: Path) -> None:
+def save_png(image: Image.Image, path: Path) -> None:
     image.save(path, format="PNG", compress_level=PNG_COMPRESS_LEVEL)
 
 
@@ -177,7 +177,7 @@ def _batches(images: Tensor) -> Iterator[Tensor]:
 def reconstructions_picture(model: DiscreteVAE, images: Tensor) -> Image.Image:
     """The images (top row) above their evaluation-mode reconstructions (bottom row)."""
     originals = _to_float(images)
-    tiles = _as_tiles(torch.cat([originals, model.reconstruct(originals)]))
+    tiles = as_tiles(torch.cat([originals, model.reconstruct(originals)]))
     return labelled_grid(tiles, images.shape[0], [["input"], ["reconstruction"]])
 
 
@@ -233,7 +233,7 @@ def render_jointvae(model: DiscreteVAE, inputs: RenderInputs, advance: Advance) 
         rendered.notes.append("the model has no continuous dimension: traversals.png shows only its discrete "
                               "variables and discrete_x_continuous.png is skipped")
     if rows:
-        tiles = [_as_tiles(row) for row in rows]
+        tiles = [as_tiles(row) for row in rows]
         padded = [torch.cat([row, _blank_tiles(columns - row.shape[0], row)]) for row in tiles]
         rendered.pictures["traversals.png"] = labelled_grid(torch.cat(padded), columns, labels)
     advance()
@@ -246,7 +246,7 @@ def render_jointvae(model: DiscreteVAE, inputs: RenderInputs, advance: Advance) 
         chosen[:, 0] = torch.arange(categories).repeat_interleave(inputs.steps)
         labels = [[f"c0 = {category}", f"z{dimension} across"] for category in range(categories)]
         rendered.pictures["discrete_x_continuous.png"] = labelled_grid(
-            _as_tiles(model.decode_latent(z, chosen)), inputs.steps, labels)
+            as_tiles(model.decode_latent(z, chosen)), inputs.steps, labels)
     elif model.continuous:
         rendered.notes.append("the model has no discrete variable: discrete_x_continuous.png is skipped")
     advance()
@@ -259,7 +259,7 @@ def render_jointvae(model: DiscreteVAE, inputs: RenderInputs, advance: Advance) 
     prior_columns = [torch.randint(categories, (PRIOR_SAMPLES,), generator=generator) for categories in model.discrete]
     categories = (torch.stack(prior_columns, dim=1) if prior_columns
                   else torch.zeros(PRIOR_SAMPLES, 0, dtype=torch.long))
-    rendered.pictures["samples.png"] = _grid_image(_as_tiles(model.decode_latent(z, categories)), SAMPLE_COLUMNS)
+    rendered.pictures["samples.png"] = grid_image(as_tiles(model.decode_latent(z, categories)), SAMPLE_COLUMNS)
     advance()
     return rendered
 
@@ -281,11 +281,11 @@ def code_map_tiles(codes: Tensor, palette: Tensor, side: int) -> Tensor:
 
 def codebook_picture(images: Tensor, codes: Sequence[int], counts: Tensor) -> Image.Image:
     """Each code's image with its index and its share of the measured code-map positions written under it."""
-    tiles = _as_tiles(images)
+    tiles = as_tiles(images)
     side = tiles.shape[-1]
     cells = torch.cat([tiles, torch.full((tiles.shape[0], 3, CAPTION_HEIGHT, side), BACKGROUND)], dim=2)
     columns = min(CODEBOOK_COLUMNS, len(codes))
-    grid = _grid_image(cells, columns)
+    grid = grid_image(cells, columns)
     draw = ImageDraw.Draw(grid)
     font = _font()
     total = max(int(counts.sum()), 1)
@@ -314,10 +314,10 @@ def render_vqvae(model: DiscreteVAE, inputs: RenderInputs, advance: Advance) -> 
     advance()
 
     palette = code_palette(model.config.num_codes)
-    image_tiles = _as_tiles(_to_float(inputs.shown))
+    image_tiles = as_tiles(_to_float(inputs.shown))
     map_tiles = code_map_tiles(model.codes(_to_float(inputs.shown)), palette, image_tiles.shape[-1])
     pairs = torch.stack([image_tiles, map_tiles], dim=1).flatten(0, 1)
-    rendered.pictures["code_maps.png"] = _grid_image(pairs, 2 * min(CODE_MAP_PAIRS_PER_ROW, inputs.shown.shape[0]))
+    rendered.pictures["code_maps.png"] = grid_image(pairs, 2 * min(CODE_MAP_PAIRS_PER_ROW, inputs.shown.shape[0]))
     advance()
 
     counts = code_usage(model, inputs.measured)
@@ -393,7 +393,7 @@ def render(params: Params, family: str, model_dir: Path, dataset_path: Path, out
     with atomic_path(out) as folder:
         folder.mkdir()
         for name, picture in rendered.pictures.items():
-            _save_png(picture, folder / name)
+            save_png(picture, folder / name)
             files[name] = picture.size
         for name, text in rendered.tables.items():
             (folder / name).write_text(text)

@@ -165,7 +165,7 @@ def test_decode_to_png_grid_of_upscaled_reconstructions(trained_project, codes_f
     model = load_model(trained_project.model_dir("vqvae"), "vqvae").model
     first = model.reconstruct(dataset_images(trained_project)[:1])[0, 0]
     upscaled = first.repeat_interleave(2, 0).repeat_interleave(2, 1)
-    expected = upscaled.mul(255).add(0.5).clamp(0, 255).to(torch.uint8).numpy()  # save_image's rounding
+    expected = upscaled.mul(255).add(0.5).clamp(0, 255).to(torch.uint8).numpy()  # render.grid_image's rounding
     np.testing.assert_array_equal(grid[2:66, 2:66], expected)
 
 
