@@ -133,8 +133,7 @@ class VectorQuantizer(nn.Module):
                 codebook_loss = F.mse_loss(chosen, vectors.detach())
             else:
                 codebook_loss = vectors.new_zeros(())
-            usage = torch.zeros(self.num_codes, dtype=torch.int64, device=z_e.device)
-            usage.scatter_add_(0, indices, torch.ones_like(indices))
+            usage = torch.bincount(indices, minlength=self.num_codes)
             perplexity = torch.exp(torch.special.entr(usage.float() / indices.numel()).sum())
             if self.training:
                 with torch.no_grad():
