@@ -218,12 +218,11 @@ def train(params: Params, family: str, paths: TrainPaths, restart: bool = False,
                 for name, value in output.terms.items():
                     running[name] += value.detach().float()
                 running["loss"] += loss.detach()
-                batch_counts = {"steps": torch.ones((), device=runtime.device), **output.counts,
+                batch_counts = {**output.counts,
                                 "squared_error": ((output.reconstruction.detach().float() - x.float()) ** 2).sum(),
                                 "pixels": torch.tensor(float(x.numel()), device=runtime.device)}
                 for name, value in batch_counts.items():
-                    summed = value.detach().clone() if name == "steps" else all_reduce_sum(value.detach().clone())
-                    epoch_counts[name] = epoch_counts.get(name, 0) + summed.cpu()
+                    epoch_counts[name] = epoch_counts.get(name, 0) + all_reduce_sum(value.detach().clone()).cpu()
 
                 if step % params.train.log_every == 0 or step == total_steps:
                     count = step - last_logged
