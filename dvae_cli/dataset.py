@@ -28,6 +28,8 @@ COMPRESSION = "gzip"
 COMPRESSION_LEVEL = 1
 ROWS_PER_READ = 16384
 """Rows read at a time when gathering scattered rows."""
+ROW_ARRAYS = ("labels", "factors", "factor_classes")
+"""The per-row arrays a dataset file may hold beside the images and the split."""
 
 
 @dataclass(frozen=True)
@@ -155,7 +157,7 @@ class DatasetFile:
         expected = (n, info.channels, info.image_size, info.image_size)
         if images.dtype != np.uint8 or images.shape != expected or file["split"].shape != (n,):
             raise broken
-        for name in ("labels", "factors", "factor_classes"):
+        for name in ROW_ARRAYS:
             if name in file and file[name].shape[0] != n:
                 raise broken
         if n == 0:

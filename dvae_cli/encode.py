@@ -34,8 +34,8 @@ from torch import Tensor
 
 from dvae_cli import __version__
 from dvae_cli.config import MODEL_FAMILIES, Params
-from dvae_cli.dataset import (COMPRESSION, COMPRESSION_LEVEL, SPLIT_NAMES, DatasetChunk, DatasetFile, DatasetInfo,
-                              DatasetWriter, open_hdf5)
+from dvae_cli.dataset import (COMPRESSION, COMPRESSION_LEVEL, ROW_ARRAYS, SPLIT_NAMES, DatasetChunk, DatasetFile,
+                              DatasetInfo, DatasetWriter, open_hdf5)
 from dvae_cli.distributed import all_gather_objects, join_cluster, leave_cluster
 from dvae_cli.errors import UserError
 from dvae_cli.files import atomic_path, pending_temporary, sha256_file
@@ -51,8 +51,7 @@ CHUNK_BYTES = 1 << 20
 """Chunks hold ROWS_PER_CHUNK rows, fewer when those would pass this size (large code maps)."""
 QUEUE_DEPTH = 2
 """Batches the writer thread may lag behind the model."""
-DATASET_ROW_ARRAYS = ("labels", "factors", "factor_classes")
-COPIED_ARRAYS = ("split", *DATASET_ROW_ARRAYS)
+COPIED_ARRAYS = ("split", *ROW_ARRAYS)
 REQUIRED_ATTRIBUTES = ("model", "model_dir", "weights_sha256", "dataset_sha256", "dataset_info", "latent_arrays",
                        "image_size", "channels")
 DECODE_ROWS = 64
@@ -472,7 +471,7 @@ class CodesFile:
 
     def dataset_row_names(self) -> list[str]:
         """The per-row arrays copied from the dataset besides the split: labels, factors, factor_classes (if any)."""
-        return [name for name in DATASET_ROW_ARRAYS if name in self.file]
+        return [name for name in ROW_ARRAYS if name in self.file]
 
     def row_names(self) -> list[str]:
         """The per-row arrays `batches` yields by default: the latent arrays, then labels and factors when present."""
