@@ -26,13 +26,13 @@ from pathlib import Path
 
 import torch
 
-from dvae_cli.config import load_params, parse_set_options
-from dvae_cli.dataset import DatasetFile
-from dvae_cli.encode import EncodePaths, encode_dataset
-from dvae_cli.models import DataShape, build_model
-from dvae_cli.modelstore import load_model, save_model
-from dvae_cli.prepare import prepare_data
-from dvae_cli.runtime import Runtime, resolve_runtime
+from dvae_cli.core.runtime import Runtime, resolve_runtime
+from dvae_cli.families import DataShape, get_family
+from dvae_cli.formats.dataset import DatasetFile
+from dvae_cli.formats.model_folder import load_model, save_model
+from dvae_cli.params import load_params, parse_set_options
+from dvae_cli.stages.encode import EncodePaths, encode_dataset
+from dvae_cli.stages.prepare import prepare_data
 
 ROUNDS = 3
 
@@ -79,14 +79,14 @@ def main() -> None:
     overrides = {"data.dataset": "dsprites", "data.image_size": args.image_size, "data.channels": 1,
                  **parse_set_options(args.set_options)}
     params = load_params(args.params, overrides, missing_ok=args.params == Path("params.yaml"))
-    runtime = resolve_runtime(params.train)
+    runtime = resolve_runtime(params.runtime)
     batch_size = params.encode.batch_size
     with tempfile.TemporaryDirectory() as scratch:
         folder = args.keep or Path(scratch)
         model_dir = folder / "models" / args.family
         data = DataShape(channels=1, image_size=args.image_size, pixel_variance=0.1)
         torch.manual_seed(params.seed)
-        save_model(model_dir, build_model(args.family, params.model_config(args.family), data),
+        save_model(model_dir, args.family, get_family(args.family).model(params.model_config(args.family), data),
                    params.model_config(args.family), data, {})
 
         datasets = {}
@@ -120,7 +120,7 @@ def main() -> None:
     threads = torch.get_num_threads() if runtime.device.type == "cpu" else None
     print(f"model             untrained {args.family}, {args.image_size}×{args.image_size} dSprites, "
           f"batch {batch_size}, device {runtime.device}" + (f" ({threads} threads)" if threads else "")
-          + f", precision {params.train.precision}")
+          + f", precision {params.runtime.precision}")
     print(f"pure forward      {forward_rate:,.0f} images/s  ({first:,} rows in memory)")
     print(f"dvae encode       {encode_rate:,.0f} images/s  ({first:,} rows, HDF5 in and out)")
     ratio = encode_rate / forward_rate

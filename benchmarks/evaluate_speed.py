@@ -17,11 +17,12 @@ import tempfile
 import time
 from pathlib import Path
 
-from dvae_cli.config import MODEL_FAMILIES, load_params
-from dvae_cli.encode import EncodePaths, encode_dataset
-from dvae_cli.evaluate import EvaluatePaths, evaluate
-from dvae_cli.prepare import prepare_data
-from dvae_cli.trainer import TrainPaths, train
+from dvae_cli.families import FAMILIES
+from dvae_cli.params import load_params
+from dvae_cli.stages.encode import EncodePaths, encode_dataset
+from dvae_cli.stages.evaluate import EvaluatePaths, evaluate
+from dvae_cli.stages.prepare import prepare_data
+from dvae_cli.stages.train import TrainPaths, train
 
 TEST_IMAGES = 10000
 TARGET_SECONDS = 60.0
@@ -31,7 +32,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=100, help="training steps of each model before encoding")
     parser.add_argument("--dci", action="store_true", help="also compute DCI (slow)")
-    parser.add_argument("--families", nargs="+", default=list(MODEL_FAMILIES), choices=MODEL_FAMILIES)
+    parser.add_argument("--families", nargs="+", default=list(FAMILIES), choices=list(FAMILIES))
     args = parser.parse_args()
     params = load_params(Path("params.yaml"), {
         "data.dataset": "dsprites", "data.subset": 2 * TEST_IMAGES, "data.image_size": 64, "data.channels": 1,

@@ -13,9 +13,9 @@ import tempfile
 import time
 from pathlib import Path
 
-from dvae_cli.config import load_params
-from dvae_cli.prepare import prepare_data
+from dvae_cli.params import load_params
 from dvae_cli.sources.dsprites import NUM_IMAGES, DSpritesRenderer
+from dvae_cli.stages.prepare import prepare_data
 
 
 def main() -> None:

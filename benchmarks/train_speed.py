@@ -2,7 +2,7 @@
 
 Usage: python benchmarks/train_speed.py --model jointvae|vqvae [--steps N] [--rounds R] [--device auto|cpu|cuda]
 
-dvae: `dvae_cli.trainer.train` itself (uint8 data in memory, batched by index, channels_last, autocast where
+dvae: `dvae_cli.stages.train.train` itself (uint8 data in memory, batched by index, channels_last, autocast where
 the runtime picks it, glibc keeping freed memory on CPU), timed over its second half of steps (the first half
 warms up).
 baseline, measured in the same run: the same model fed by a per-item `Dataset` with
@@ -32,12 +32,13 @@ from torch.utils.data import DataLoader, Dataset
 from torch.utils.flop_counter import FlopCounterMode
 from torchvision import transforms
 
-from dvae_cli.config import Params, build, load_params
-from dvae_cli.dataset import DatasetChunk, DatasetInfo, DatasetWriter
-from dvae_cli.models import DataShape, build_model
-from dvae_cli.runtime import resolve_runtime
+from dvae_cli.core.runtime import resolve_runtime
+from dvae_cli.families import DataShape, get_family
+from dvae_cli.formats.dataset import DatasetChunk, DatasetInfo, DatasetWriter
+from dvae_cli.params import build_params, load_params
 from dvae_cli.sources.dsprites import DSpritesRenderer
-from dvae_cli.trainer import TrainPaths, train
+from dvae_cli.stages.train import TrainPaths, train
+
 
 @dataclass(frozen=True)
 class Setup:
@@ -73,9 +74,9 @@ def write_dataset(path: Path, images: np.ndarray) -> None:
     writer.finish(np.zeros(len(images), dtype=np.uint8))
 
 def dvae_images_per_second(setup: Setup, dataset: Path, steps: int, device: str, folder: Path) -> float:
-    params = build(Params, {setup.family: {**setup.model, "epochs": 1000},
-                            "train": {"max_steps": steps, "log_every": steps // 2, "checkpoint_every": 10**9,
-                                      "device": device}})
+    params = build_params({setup.family: {**setup.model, "epochs": 1000},
+                           "train": {"max_steps": steps, "log_every": steps // 2, "checkpoint_every": 10**9},
+                           "runtime": {"device": device}})
     paths = TrainPaths(dataset, folder / "models" / setup.family, folder / "dvclive" / setup.family)
     train(params, setup.family, paths, restart=True, show_progress=False)
     history = (paths.live_dir / "plots" / "metrics" / "train" / "images_per_second.tsv").read_text().splitlines()
@@ -95,9 +96,9 @@ class PerItemImages(Dataset):
         return self.to_tensor(self.images[index])
 
 def baseline_images_per_second(setup: Setup, images: np.ndarray, steps: int, device: torch.device) -> float:
-    params = build(Params, {setup.family: setup.model})
+    params = build_params({setup.family: setup.model})
     torch.manual_seed(0)
-    model = build_model(setup.family, params.model_config(setup.family),
+    model = get_family(setup.family).model(params.model_config(setup.family),
                         DataShape(setup.channels, setup.image_size, 0.05)).to(device)
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-4)
     loader = DataLoader(PerItemImages(images), batch_size=setup.batch_size, shuffle=True, drop_last=True)
@@ -121,8 +122,8 @@ def baseline_images_per_second(setup: Setup, images: np.ndarray, steps: int, dev
     return timed_images / (time.perf_counter() - started)
 
 def flops_per_image(setup: Setup) -> float:
-    params = build(Params, {setup.family: setup.model})
-    model = build_model(setup.family, params.model_config(setup.family), DataShape(setup.channels, setup.image_size))
+    params = build_params({setup.family: setup.model})
+    model = get_family(setup.family).model(params.model_config(setup.family), DataShape(setup.channels, setup.image_size))
     x = torch.rand(8, setup.channels, setup.image_size, setup.image_size)
     model.loss(x, 0)  # the quantizer initialises on its first training batch; count a steady step
     with FlopCounterMode(display=False) as counter:
@@ -146,7 +147,7 @@ def matmul_peak_gflops(device: torch.device) -> float:
 
 def measure(kind: str, setup: Setup, steps: int, device: str, folder: Path) -> tuple[float, float]:
     """One measurement, run in its own interpreter by `main`: images/s, then the matmul peak measured right after."""
-    torch_device = resolve_runtime(build(Params, {"train": {"device": device}}).train).device
+    torch_device = resolve_runtime(build_params({"runtime": {"device": device}}).runtime).device
     if kind == "dvae":
         speed = dvae_images_per_second(setup, folder / f"{setup.family}.h5", steps, device, folder)
     else:
@@ -160,7 +161,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3, help="alternating dvae/baseline measurements per setup")
     parser.add_argument("--device", default="auto")
     args = parser.parse_args()
-    device = resolve_runtime(build(Params, {"train": {"device": args.device}}).train).device
+    device = resolve_runtime(build_params({"runtime": {"device": args.device}}).runtime).device
     print(f"device {device}, torch {torch.__version__}, {torch.get_num_threads()} threads")
     results = []
     spawn = multiprocessing.get_context("spawn")

@@ -1,6 +1,6 @@
 """The `dvae` program: a thin Typer layer over the stage functions.
 
-Each command loads params (flag > params file > default), calls one plain function and prints a summary.
+Each command loads params (flag > preset > params file > default), calls one plain function and prints a summary.
 User mistakes exit 2 with one line on stderr; bugs exit 1 (`--debug` or DVAE_DEBUG=1 shows the traceback).
 """
 
@@ -18,10 +18,11 @@ import typer
 from rich.table import Table
 
 from dvae_cli import __version__
-from dvae_cli.config import Params, load_params, parse_set_options, parse_value
-from dvae_cli.errors import UserError
-from dvae_cli.files import remove_pending_temporaries
-from dvae_cli.progress import console
+from dvae_cli.core.errors import UserError
+from dvae_cli.core.files import remove_pending_temporaries
+from dvae_cli.core.progress import console
+from dvae_cli.families import FAMILIES, get_family
+from dvae_cli.params import Params, load_params, parse_set_options, parse_value
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   rich_markup_mode=None,
@@ -30,6 +31,8 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
 F = TypeVar("F", bound=Callable[..., Any])
 
 ParamsOption = Annotated[Path, typer.Option("--params", help="params file", show_default=True)]
+PresetOption = Annotated[str | None, typer.Option(
+    "--preset", help="overlay merged over the params file: a name in presets/ or a .yaml path")]
 SetOption = Annotated[list[str] | None, typer.Option("--set", "-S", help="override any param: key.sub=value (repeatable)")]
 
 
@@ -62,11 +65,11 @@ def user_facing(function: F) -> F:
     return wrapper  # type: ignore[return-value]
 
 
-def params_with(params_path: Path, set_options: list[str] | None, **flags: Any) -> Params:
-    """Load params, then apply `--set` options and the command's own flags (dotted key → value)."""
+def params_with(params_file: Path, preset: str | None, set_options: list[str] | None, **flags: Any) -> Params:
+    """Load params and the preset, then apply `--set` options and the command's own flags (dotted key → value)."""
     overrides = parse_set_options(set_options or [])
     overrides.update({key.replace("__", "."): value for key, value in flags.items() if value is not None})
-    return load_params(params_path, overrides, missing_ok=params_path == Path("params.yaml"))
+    return load_params(params_file, overrides, missing_ok=params_file == Path("params.yaml"), preset=preset)
 
 
 def _version(value: bool) -> None:
@@ -91,7 +94,8 @@ def main(
 @app.command("prepare-data")
 @user_facing
 def prepare_data_command(
-    params: ParamsOption = Path("params.yaml"),
+    params_file: ParamsOption = Path("params.yaml"),
+    preset: PresetOption = None,
     out: Annotated[Path, typer.Option(help="dataset file to write")] = Path("data/prepared/dataset.h5"),
     dataset: Annotated[str | None, typer.Option(help="source: dsprites | mnist | fashion-mnist | cifar10 | celeba | folder")] = None,
     root: Annotated[str | None, typer.Option(help="folder torchvision and folder sources read")] = None,
@@ -102,12 +106,12 @@ def prepare_data_command(
     set_: SetOption = None,
 ) -> None:
     """Write the dataset file from a source (built-in dSprites, torchvision, an image folder)."""
-    from dvae_cli.prepare import prepare_data
+    from dvae_cli.stages.prepare import prepare_data
 
-    config = params_with(params, set_, data__dataset=dataset, data__root=root,
+    params = params_with(params_file, preset, set_, data__dataset=dataset, data__root=root,
                          data__subset=None if subset is None else parse_value(subset),
                          data__image_size=image_size, data__channels=channels, seed=seed)
-    summary = prepare_data(config, out)
+    summary = prepare_data(params, out)
     table = Table(title=f"{summary.path}")
     table.add_column("")
     table.add_column("value")
@@ -124,23 +128,20 @@ def prepare_data_command(
     console().print(table)
 
 
-ModelOption = Annotated[str, typer.Option("--model", "-m", help="model family: jointvae | vqvae")]
+ModelOption = Annotated[str, typer.Option("--model", "-m", help=f"model family: {' | '.join(FAMILIES)}")]
 DatasetOption = Annotated[Path, typer.Option("--dataset", help="dataset file")]
 
 
 def check_family(model: str) -> str:
-    from dvae_cli.config import MODEL_FAMILIES
-
-    if model not in MODEL_FAMILIES:
-        raise UserError(f"--model {model!r} is not a model family; choose one of {', '.join(MODEL_FAMILIES)}")
-    return model
+    return get_family(model).name
 
 
 @app.command("train")
 @user_facing
 def train_command(
     model: ModelOption,
-    params: ParamsOption = Path("params.yaml"),
+    params_file: ParamsOption = Path("params.yaml"),
+    preset: PresetOption = None,
     dataset: DatasetOption = Path("data/prepared/dataset.h5"),
     out: Annotated[Path | None, typer.Option(help="model folder [default: models/MODEL]")] = None,
     live: Annotated[Path | None, typer.Option(help="DVCLive folder [default: dvclive/MODEL]")] = None,
@@ -148,8 +149,8 @@ def train_command(
     batch_size: Annotated[int | None, typer.Option(help="override MODEL.batch_size (the global batch)")] = None,
     lr: Annotated[float | None, typer.Option(help="override MODEL.lr")] = None,
     max_steps: Annotated[int | None, typer.Option(help="override train.max_steps")] = None,
-    device: Annotated[str | None, typer.Option(help="override train.device")] = None,
-    precision: Annotated[str | None, typer.Option(help="override train.precision")] = None,
+    device: Annotated[str | None, typer.Option(help="override runtime.device")] = None,
+    precision: Annotated[str | None, typer.Option(help="override runtime.precision")] = None,
     seed: Annotated[int | None, typer.Option(help="override seed")] = None,
     restart: Annotated[bool, typer.Option(help="ignore an existing checkpoint and start over")] = False,
     restart_on_mismatch: Annotated[bool, typer.Option(
@@ -159,19 +160,19 @@ def train_command(
     set_: SetOption = None,
 ) -> None:
     """Train a model (resumes from its checkpoint when one matches)."""
-    from dvae_cli.trainer import TrainPaths, train
+    from dvae_cli.stages.train import TrainPaths, train
 
     family = check_family(model)
     if nproc is not None and nproc > 1:
-        from dvae_cli.distributed import launch_with_torchrun
+        from dvae_cli.core.distributed import launch_with_torchrun
 
         raise typer.Exit(launch_with_torchrun(nproc, sys.argv[1:]))
-    config = params_with(params, set_, **{f"{family}__epochs": epochs, f"{family}__batch_size": batch_size,
+    params = params_with(params_file, preset, set_, **{f"{family}__epochs": epochs, f"{family}__batch_size": batch_size,
                                           f"{family}__lr": lr, "train__max_steps": max_steps,
-                                          "train__device": device, "train__precision": precision, "seed": seed})
+                                          "runtime__device": device, "runtime__precision": precision, "seed": seed})
     paths = TrainPaths(dataset=dataset, model_dir=out or Path("models") / family,
                        live_dir=live or Path("dvclive") / family)
-    result = train(config, family, paths, restart=restart, restart_on_mismatch=restart_on_mismatch)
+    result = train(params, family, paths, restart=restart, restart_on_mismatch=restart_on_mismatch)
     if result.resumed_from:
         typer.echo(f"{family}: resumed from step {result.resumed_from} of {paths.checkpoint}", err=True)
     if result.metrics:
@@ -187,22 +188,23 @@ def train_command(
 @user_facing
 def encode_command(
     model: ModelOption,
-    params: ParamsOption = Path("params.yaml"),
+    params_file: ParamsOption = Path("params.yaml"),
+    preset: PresetOption = None,
     dataset: DatasetOption = Path("data/prepared/dataset.h5"),
     model_dir: Annotated[Path | None, typer.Option(help="model folder [default: models/MODEL]")] = None,
     out: Annotated[Path | None, typer.Option(help="codes file to write [default: data/codes/MODEL.h5]")] = None,
     batch_size: Annotated[int | None, typer.Option(help="override encode.batch_size")] = None,
-    device: Annotated[str | None, typer.Option(help="override train.device")] = None,
+    device: Annotated[str | None, typer.Option(help="override runtime.device")] = None,
     set_: SetOption = None,
 ) -> None:
     """Encode every dataset row into a codes file (VQ-VAE code maps, JointVAE latents)."""
-    from dvae_cli.encode import EncodePaths, encode_dataset
+    from dvae_cli.stages.encode import EncodePaths, encode_dataset
 
     family = check_family(model)
-    config = params_with(params, set_, encode__batch_size=batch_size, train__device=device)
+    params = params_with(params_file, preset, set_, encode__batch_size=batch_size, runtime__device=device)
     paths = EncodePaths(dataset=dataset, model_dir=model_dir or Path("models") / family,
                         out=out or Path("data/codes") / f"{family}.h5")
-    result = encode_dataset(config, family, paths)
+    result = encode_dataset(params, family, paths)
     if result is None:  # a torchrun rank other than 0: rank 0 wrote the file
         return
     table = Table(title=f"{result.path}: {result.num_rows:,} rows")
@@ -224,16 +226,17 @@ def decode_command(
     rows: Annotated[str | None, typer.Option(help="rows START:STOP to decode [default: the first 64]")] = None,
     model_dir: Annotated[Path | None, typer.Option(help="model folder [default: the one the codes file names]")] = None,
     force: Annotated[bool, typer.Option(help="decode even when the model's weights are not the encoder's")] = False,
-    params: ParamsOption = Path("params.yaml"),
+    params_file: ParamsOption = Path("params.yaml"),
+    preset: PresetOption = None,
     batch_size: Annotated[int | None, typer.Option(help="override encode.batch_size")] = None,
-    device: Annotated[str | None, typer.Option(help="override train.device")] = None,
+    device: Annotated[str | None, typer.Option(help="override runtime.device")] = None,
     set_: SetOption = None,
 ) -> None:
     """Decode rows of a codes file into a PNG grid or a dataset-format HDF5."""
-    from dvae_cli.encode import decode_codes_file
+    from dvae_cli.stages.decode import decode_codes_file
 
-    config = params_with(params, set_, encode__batch_size=batch_size, train__device=device)
-    result = decode_codes_file(config, codes, out, rows, model_dir=model_dir, force=force)
+    params = params_with(params_file, preset, set_, encode__batch_size=batch_size, runtime__device=device)
+    result = decode_codes_file(params, codes, out, rows, model_dir=model_dir, force=force)
     if not result.weights_match:
         typer.echo(f"warning: {result.model_dir} is not the model that wrote {codes} (--force)", err=True)
     typer.echo(f"decoded rows {result.rows.start}:{result.rows.stop} into {result.path} "
@@ -244,7 +247,8 @@ def decode_command(
 @user_facing
 def evaluate_command(
     model: ModelOption,
-    params: ParamsOption = Path("params.yaml"),
+    params_file: ParamsOption = Path("params.yaml"),
+    preset: PresetOption = None,
     dataset: DatasetOption = Path("data/prepared/dataset.h5"),
     model_dir: Annotated[Path | None, typer.Option(help="model folder [default: models/MODEL]")] = None,
     codes: Annotated[Path | None, typer.Option(help="codes file [default: data/codes/MODEL.h5]")] = None,
@@ -252,20 +256,20 @@ def evaluate_command(
     num_samples: Annotated[int | None, typer.Option(help="override evaluate.num_samples")] = None,
     dci: Annotated[bool | None, typer.Option("--dci/--no-dci", help="override evaluate.dci")] = None,
     batch_size: Annotated[int | None, typer.Option(help="override evaluate.batch_size")] = None,
-    device: Annotated[str | None, typer.Option(help="override train.device")] = None,
+    device: Annotated[str | None, typer.Option(help="override runtime.device")] = None,
     seed: Annotated[int | None, typer.Option(help="override seed")] = None,
     set_: SetOption = None,
 ) -> None:
     """Compute the metrics of a trained model on the test split (val when there is none) into metrics/MODEL.json."""
-    from dvae_cli.evaluate import EvaluatePaths, evaluate
+    from dvae_cli.stages.evaluate import EvaluatePaths, evaluate
 
     family = check_family(model)
-    config = params_with(params, set_, evaluate__num_samples=num_samples, evaluate__dci=dci,
-                         evaluate__batch_size=batch_size, train__device=device, seed=seed)
+    params = params_with(params_file, preset, set_, evaluate__num_samples=num_samples, evaluate__dci=dci,
+                         evaluate__batch_size=batch_size, runtime__device=device, seed=seed)
     paths = EvaluatePaths(model_dir=model_dir or Path("models") / family, dataset=dataset,
                           codes=codes or Path("data/codes") / f"{family}.h5",
                           metrics=out or Path("metrics") / f"{family}.json")
-    result = evaluate(config, family, paths)
+    result = evaluate(params, family, paths)
     for note in result.notes:
         typer.echo(f"note: {note}", err=True)
     table = Table(title=f"{family}: {result.split_name} split, {result.num_images:,} images",
@@ -288,7 +292,8 @@ def evaluate_command(
 @user_facing
 def render_command(
     model: ModelOption,
-    params: ParamsOption = Path("params.yaml"),
+    params_file: ParamsOption = Path("params.yaml"),
+    preset: PresetOption = None,
     dataset: DatasetOption = Path("data/prepared/dataset.h5"),
     model_dir: Annotated[Path | None, typer.Option(help="model folder [default: models/MODEL]")] = None,
     out: Annotated[Path | None, typer.Option(help="folder of the pictures (replaced) [default: renders/MODEL]")] = None,
@@ -296,16 +301,16 @@ def render_command(
                     ] = None,
     steps: Annotated[int | None, typer.Option(help="override render.steps: columns of a traversal")] = None,
     seed: Annotated[int | None, typer.Option(help="override render.seed: prior samples and chosen images")] = None,
-    device: Annotated[str | None, typer.Option(help="override train.device")] = None,
+    device: Annotated[str | None, typer.Option(help="override runtime.device")] = None,
     set_: SetOption = None,
 ) -> None:
     """Draw traversals, reconstructions, samples and code maps as PNGs (and code usage as a CSV)."""
-    from dvae_cli.render import render
+    from dvae_cli.stages.render import render
 
     family = check_family(model)
-    config = params_with(params, set_, render__base_index=base, render__steps=steps, render__seed=seed,
-                         train__device=device)
-    result = render(config, family, model_dir or Path("models") / family, dataset, out or Path("renders") / family)
+    params = params_with(params_file, preset, set_, render__base_index=base, render__steps=steps, render__seed=seed,
+                         runtime__device=device)
+    result = render(params, family, model_dir or Path("models") / family, dataset, out or Path("renders") / family)
     for note in result.notes:
         typer.echo(f"note: {note}", err=True)
     table = Table(title=f"{result.folder}: {len(result.files)} files in {result.seconds:.1f} s")

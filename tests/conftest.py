@@ -113,11 +113,11 @@ TINY_PARAMS: dict[str, Any] = {
 @pytest.fixture(scope="session")
 def tiny_dataset(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The dataset file of TINY_PARAMS (600 dSprites images at 32×32), shared read-only by the session."""
-    from dvae_cli.config import build, Params
-    from dvae_cli.prepare import prepare_data
+    from dvae_cli.params import build_params
+    from dvae_cli.stages.prepare import prepare_data
 
     dataset = tmp_path_factory.mktemp("tiny_dataset") / "dataset.h5"
-    prepare_data(build(Params, TINY_PARAMS), dataset, show_progress=False)
+    prepare_data(build_params(TINY_PARAMS), dataset, show_progress=False)
     return dataset
 
 
@@ -136,9 +136,9 @@ class TrainedProject:
 @pytest.fixture(scope="session")
 def trained_project(tmp_path_factory: pytest.TempPathFactory) -> TrainedProject:
     """Session-wide and read-only: tests that write must write elsewhere (or copy the folder)."""
-    from dvae_cli.config import load_params
-    from dvae_cli.prepare import prepare_data
-    from dvae_cli.trainer import TrainPaths, train
+    from dvae_cli.params import load_params
+    from dvae_cli.stages.prepare import prepare_data
+    from dvae_cli.stages.train import TrainPaths, train
 
     root = tmp_path_factory.mktemp("trained_project")
     params_path = root / "params.yaml"

@@ -12,7 +12,7 @@ from typer.testing import CliRunner
 
 from dvae_cli import __version__
 from dvae_cli.cli import app
-from dvae_cli.dataset import DatasetFile
+from dvae_cli.formats.dataset import DatasetFile
 
 
 def run_dvae(*args: str, cwd: Path, debug: bool = False) -> subprocess.CompletedProcess:
@@ -140,7 +140,7 @@ def test_internal_error_is_short_without_debug(monkeypatch, tmp_path, write_para
     def broken(*_args, **_kwargs):
         raise RuntimeError("boom")
 
-    monkeypatch.setattr("dvae_cli.prepare.prepare_data", broken)
+    monkeypatch.setattr("dvae_cli.stages.prepare.prepare_data", broken)
     params = write_params(data={"dataset": "folder", "root": str(image_folder)})
     args = ("prepare-data", "--params", str(params), "--out", str(tmp_path / "dataset.h5"))
 

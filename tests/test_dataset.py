@@ -6,7 +6,9 @@ import h5py
 import numpy as np
 import pytest
 
-from dvae_cli.dataset import (
+from dvae_cli.core.errors import UserError
+from dvae_cli.core.files import atomic_path, sha256_file, temp_path_for, write_json_atomic
+from dvae_cli.formats.dataset import (
     FORMAT,
     FORMAT_VERSION,
     TEST,
@@ -18,8 +20,6 @@ from dvae_cli.dataset import (
     DatasetWriter,
     read_rows,
 )
-from dvae_cli.errors import UserError
-from dvae_cli.files import atomic_path, sha256_file, temp_path_for, write_json_atomic
 
 NUM_IMAGES = 70  # more than one chunk of images
 SHAPE = (3, 8, 8)

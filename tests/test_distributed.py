@@ -15,9 +15,9 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-from dvae_cli.config import load_params
-from dvae_cli.trainer import TrainPaths, train
-from tests.test_trainer import write_params
+from dvae_cli.params import load_params
+from dvae_cli.stages.train import TrainPaths, train
+from tests.test_train import write_params
 
 STEPS = 20
 

@@ -16,14 +16,16 @@ import pytest
 import torch
 from PIL import Image
 
-from dvae_cli.config import load_params
-from dvae_cli.dataset import DatasetChunk, DatasetFile, DatasetWriter
-from dvae_cli.encode import (ROWS_PER_CHUNK, CodesFile, EncodePaths, code_dtype, decode_codes_file, encode_dataset,
-                             parse_rows, to_uint8)
-from dvae_cli.errors import UserError
-from dvae_cli.files import sha256_file
-from dvae_cli.models import build_model
-from dvae_cli.modelstore import WEIGHTS, load_model, save_model
+from dvae_cli.core.errors import UserError
+from dvae_cli.core.files import sha256_file
+from dvae_cli.core.images import to_uint8
+from dvae_cli.families import get_family
+from dvae_cli.formats.codes import ROWS_PER_CHUNK, CodesFile, code_dtype
+from dvae_cli.formats.dataset import DatasetChunk, DatasetFile, DatasetWriter
+from dvae_cli.formats.model_folder import WEIGHTS, load_model, save_model
+from dvae_cli.params import load_params
+from dvae_cli.stages.decode import decode_codes_file, parse_rows
+from dvae_cli.stages.encode import EncodePaths, encode_dataset
 
 FAMILIES = ("vqvae", "jointvae")
 
@@ -213,11 +215,11 @@ def save_vqvae_variant(trained_project, folder: Path, **changes) -> Path:
     """A VQ-VAE model folder like the trained one, with config `changes` (or, without any, perturbed weights)."""
     loaded = load_model(trained_project.model_dir("vqvae"), "vqvae")
     config = replace(loaded.config, **changes)
-    model = build_model("vqvae", config, loaded.data) if changes else loaded.model
+    model = get_family("vqvae").model(config, loaded.data) if changes else loaded.model
     if not changes:
         with torch.no_grad():
             model.decoder[0].bias.add_(0.01)
-    save_model(folder, model, config, loaded.data, {})
+    save_model(folder, "vqvae", model, config, loaded.data, {})
     return folder
 
 

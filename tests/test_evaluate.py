@@ -19,24 +19,23 @@ import torch
 from typer.testing import CliRunner
 
 from dvae_cli.cli import app
-from dvae_cli.config import Params, load_params
-from dvae_cli.dataset import TEST, DatasetFile
-from dvae_cli.encode import EncodePaths, encode_dataset
-from dvae_cli.errors import UserError
-from dvae_cli.evaluate import (
+from dvae_cli.core.errors import UserError
+from dvae_cli.core.metrics import DCIResult, factorvae_score, hungarian_accuracy, mutual_information_gap, perplexity
+from dvae_cli.families import DiscreteVAE
+from dvae_cli.families.evaluation import ReconstructionTotals
+from dvae_cli.families.jointvae.metrics import factor_representation, gaussian_nll_per_image
+from dvae_cli.formats.dataset import TEST, DatasetFile
+from dvae_cli.formats.model_folder import LoadedModel, load_model, save_model
+from dvae_cli.params import Params, load_params
+from dvae_cli.stages.encode import EncodePaths, encode_dataset
+from dvae_cli.stages.evaluate import (
     PROBABILITY_FLOOR,
     EvaluatePaths,
-    ReconstructionTotals,
     evaluate,
-    factor_representation,
     finite_only,
-    gaussian_nll_per_image,
     reconstruction_metrics,
     reconstruction_totals,
 )
-from dvae_cli.metrics import DCIResult, factorvae_score, hungarian_accuracy, mutual_information_gap, perplexity
-from dvae_cli.models import DiscreteVAE
-from dvae_cli.modelstore import LoadedModel, load_model, save_model
 
 FAMILIES = ("jointvae", "vqvae")
 TEST_IMAGES = 60
@@ -241,8 +240,8 @@ def test_dci_runs_on_a_capped_subsample_of_the_seeded_sample(encoded, tmp_path, 
         fitted.append((*representation.shape, factor_classes.shape[1]))
         return DCIResult(disentanglement=0.5, completeness=0.25, informativeness_train=1.0, informativeness_test=0.75)
 
-    monkeypatch.setattr("dvae_cli.evaluate.dci", recording_dci)
-    monkeypatch.setattr("dvae_cli.evaluate.DCI_MAX_POINTS", 25)
+    monkeypatch.setattr("dvae_cli.families.evaluation.dci", recording_dci)
+    monkeypatch.setattr("dvae_cli.families.evaluation.DCI_MAX_POINTS", 25)
     params = encoded.params(**{"evaluate.dci": True, "evaluate.num_samples": 40, "seed": 3})
     result = evaluate(params, "jointvae", encoded.paths("jointvae", tmp_path / "metrics.json"), show_progress=False)
     assert fitted == [(25, 4 + 1, 5)]  # 25 points; 4 means + 1 discrete argmax; 5 dSprites factors
@@ -312,7 +311,7 @@ def make_other_model(model_dir: Path, target: Path) -> None:
     loaded = load_model(model_dir)
     with torch.no_grad():
         next(loaded.model.parameters()).add_(1.0)
-    save_model(target, loaded.model, loaded.config, loaded.data, {"dataset_sha256": loaded.record["dataset_sha256"]})
+    save_model(target, loaded.family, loaded.model, loaded.config, loaded.data, {"dataset_sha256": loaded.record["dataset_sha256"]})
 
 
 def make_other_dataset(dataset: Path, target: Path) -> None:

@@ -3,11 +3,12 @@ import math
 import pytest
 import torch
 
-from dvae_cli.config import CapacitySchedule, JointVAEConfig
-from dvae_cli.errors import UserError
-from dvae_cli.models.base import DataShape
-from dvae_cli.models.jointvae import (
+from dvae_cli.core.errors import UserError
+from dvae_cli.families.base import DataShape
+from dvae_cli.families.jointvae.model import (
+    CapacitySchedule,
     JointVAE,
+    JointVAEConfig,
     capacity,
     gumbel_softmax_sample,
     kl_categorical,

@@ -14,8 +14,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from dvae_cli.dataset import DatasetFile
-from dvae_cli.encode import CodesFile
+from dvae_cli.formats.codes import CodesFile
+from dvae_cli.formats.dataset import DatasetFile
 from tests.conftest import TINY_PARAMS
 
 PROJECT = Path(__file__).resolve().parents[1]

@@ -1,10 +1,10 @@
 import numpy as np
 import pytest
 
-from dvae_cli.config import DataConfig, Params
-from dvae_cli.dataset import TEST, TRAIN, VAL, DatasetFile
-from dvae_cli.errors import UserError
-from dvae_cli.prepare import assign_split, prepare_data, select_subset
+from dvae_cli.core.errors import UserError
+from dvae_cli.formats.dataset import TEST, TRAIN, VAL, DatasetFile
+from dvae_cli.params import DataConfig, Params
+from dvae_cli.stages.prepare import assign_split, prepare_data, select_subset
 
 
 def rng(seed: int = 0) -> np.random.Generator:

@@ -11,18 +11,30 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from dvae_cli.cli import app
-from dvae_cli.config import load_params
-from dvae_cli.dataset import DatasetFile
-from dvae_cli.errors import UserError
-from dvae_cli.models.base import DataShape
-from dvae_cli.models.jointvae import JointVAE
-from dvae_cli.modelstore import load_model, save_model
-from dvae_cli.render import (CAPTION_HEIGHT, CODEBOOK_CODES, CODEBOOK_COLUMNS, CODE_MAP_PAIRS_PER_ROW, FILES,
-                             GRID_PADDING, LABEL_WIDTH, PRIOR_SAMPLES, SAMPLE_COLUMNS, SHOWN_IMAGES, code_map_tiles,
-                             code_palette, grid_extent, render, tile_size, traversal_values, usage_table)
+from dvae_cli.core.errors import UserError
+from dvae_cli.core.images import GRID_PADDING, LABEL_WIDTH, grid_extent, tile_size
+from dvae_cli.families import FAMILIES
+from dvae_cli.families.base import DataShape
+from dvae_cli.families.jointvae.model import JointVAE
+from dvae_cli.families.jointvae.pictures import PRIOR_SAMPLES, SAMPLE_COLUMNS, traversal_values
+from dvae_cli.families.pictures import SHOWN_IMAGES
+from dvae_cli.families.vqvae.pictures import (
+    CAPTION_HEIGHT,
+    CODE_MAP_PAIRS_PER_ROW,
+    CODEBOOK_CODES,
+    CODEBOOK_COLUMNS,
+    code_map_tiles,
+    code_palette,
+    usage_table,
+)
+from dvae_cli.formats.dataset import DatasetFile
+from dvae_cli.formats.model_folder import load_model, save_model
+from dvae_cli.params import load_params
+from dvae_cli.stages.render import render
 from tests.test_cli import assert_no_output, assert_user_error, run_dvae
 
 TILE = 64  # the fixture's 32-pixel images, upscaled ×2
+FILES = {name: family.picture_files for name, family in FAMILIES.items()}
 
 
 @pytest.fixture(scope="module")
@@ -69,7 +81,7 @@ def test_traversal_values_are_normal_quantiles():
 
 
 def test_jointvae_pictures_have_the_layout_sizes(rendered, params):
-    config = params.jointvae
+    config = params.model_config("jointvae")
     steps, folder = params.render.steps, rendered / "jointvae"
     columns = max(steps, *config.discrete)
     assert sorted(path.name for path in folder.iterdir()) == sorted(FILES["jointvae"])
@@ -88,12 +100,12 @@ def test_vqvae_pictures_have_the_layout_sizes_and_usage_counts_every_position(re
     table = np.loadtxt(folder / "code_usage.csv", delimiter=",", skiprows=1, dtype=np.int64)
     assert (folder / "code_usage.csv").read_text().splitlines()[0] == "rank,code,count"
     ranks, codes, counts = table.T
-    assert ranks.tolist() == list(range(1, params.vqvae.num_codes + 1))
-    assert sorted(codes.tolist()) == list(range(params.vqvae.num_codes))
+    assert ranks.tolist() == list(range(1, params.model_config("vqvae").num_codes + 1))
+    assert sorted(codes.tolist()) == list(range(params.model_config("vqvae").num_codes))
     assert np.all(np.diff(counts) <= 0)
     with DatasetFile(trained_project.dataset) as dataset:
         test_images = len(dataset.indices(dataset.evaluation_split()))
-    code_side = 32 // params.vqvae.downsample
+    code_side = 32 // params.model_config("vqvae").downsample
     assert counts.sum() == test_images * code_side * code_side
 
     shown_codes = min(CODEBOOK_CODES, int((counts > 0).sum()))
@@ -106,7 +118,7 @@ def test_vqvae_pictures_have_the_layout_sizes_and_usage_counts_every_position(re
 
 
 def test_discrete_rows_show_k_different_tiles(rendered, params):
-    config = params.jointvae
+    config = params.model_config("jointvae")
     categories, columns = config.discrete[0], max(params.render.steps, *config.discrete)
     grid = cells(rendered / "jointvae" / "traversals.png", config.continuous + 1, columns)
     discrete_row = grid[config.continuous]
@@ -129,10 +141,10 @@ def test_a_dimension_the_decoder_ignores_gives_a_row_of_identical_tiles(trained_
         for head in (model.fc_mean, model.fc_log_var):
             head.weight[ignored] = 0.0
             head.bias[ignored] = 0.0
-    save_model(tmp_path / "model", model, loaded.config, loaded.data, {})
+    save_model(tmp_path / "model", loaded.family, model, loaded.config, loaded.data, {})
     render(params, "jointvae", tmp_path / "model", trained_project.dataset, tmp_path / "out", show_progress=False)
 
-    continuous, columns = params.jointvae.continuous, max(params.render.steps, *params.jointvae.discrete)
+    continuous, columns = params.model_config("jointvae").continuous, max(params.render.steps, *params.model_config("jointvae").discrete)
     grid = cells(tmp_path / "out" / "traversals.png", continuous + 1, columns)
     last_continuous_row = grid[continuous - 1]
     assert all(np.array_equal(tile, last_continuous_row[0]) for tile in last_continuous_row)
@@ -163,10 +175,10 @@ def test_usage_table_ranks_by_count_then_code():
 
 
 def test_no_continuous_dimension_skips_its_pictures_with_a_note(trained_project, params, tmp_path):
-    config = dataclasses.replace(params.jointvae, continuous=0)
+    config = dataclasses.replace(params.model_config("jointvae"), continuous=0)
     data = DataShape(channels=1, image_size=32)
     torch.manual_seed(0)
-    save_model(tmp_path / "model", JointVAE(config, data), config, data, {})
+    save_model(tmp_path / "model", "jointvae", JointVAE(config, data), config, data, {})
     out = tmp_path / "out"
     result = CliRunner().invoke(app, ["render", "--model", "jointvae", "--params", str(trained_project.params_path),
                                       "--dataset", str(trained_project.dataset), "--model-dir", str(tmp_path / "model"),

@@ -8,7 +8,7 @@ import pytest
 PAGES_TOUCHED = 4 * 40 * (4 * 2**20) // 4096  # cycles × tensors × bytes / page size
 FAULTS_SCRIPT = """
 import resource, sys, torch
-from dvae_cli.runtime import keep_freed_host_memory
+from dvae_cli.core.runtime import keep_freed_host_memory
 if sys.argv[1] == "keep":
     assert keep_freed_host_memory()
 def cycle():

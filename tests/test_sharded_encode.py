@@ -10,8 +10,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from dvae_cli.config import load_params
-from dvae_cli.encode import ROWS_PER_CHUNK, EncodePaths, batch_aligned_slices, encode_dataset
+from dvae_cli.formats.codes import ROWS_PER_CHUNK
+from dvae_cli.params import load_params
+from dvae_cli.stages.encode import EncodePaths, batch_aligned_slices, encode_dataset
 from tests.test_encode import FAMILIES, write_tiled_dataset
 
 NUM_ROWS = 2_500

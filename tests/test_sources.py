@@ -3,9 +3,9 @@ import pytest
 import torch
 from PIL import Image
 
-from dvae_cli.config import DataConfig
-from dvae_cli.dataset import TEST, TRAIN
-from dvae_cli.errors import UserError
+from dvae_cli.core.errors import UserError
+from dvae_cli.formats.dataset import TEST, TRAIN
+from dvae_cli.params import DataConfig
 from dvae_cli.sources import open_source
 from dvae_cli.sources.folder import FolderSource
 from dvae_cli.sources.torchvision_sources import TorchvisionSource

@@ -5,10 +5,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from dvae_cli.config import VQVAEConfig
-from dvae_cli.errors import UserError
-from dvae_cli.models.base import DataShape
-from dvae_cli.models.vqvae import VQVAE
+from dvae_cli.core.errors import UserError
+from dvae_cli.families.base import DataShape
+from dvae_cli.families.vqvae.model import VQVAE, VQVAEConfig
 
 
 def tiny_config(**overrides: object) -> VQVAEConfig:

@@ -6,8 +6,8 @@ from typing import Protocol
 
 import numpy as np
 
-from dvae_cli.config import DataConfig
-from dvae_cli.dataset import DatasetChunk, DatasetInfo
+from dvae_cli.formats.dataset import DatasetChunk, DatasetInfo
+from dvae_cli.params import DataConfig
 
 
 class Source(Protocol):

@@ -14,8 +14,8 @@ import numpy as np
 import torch
 from numpy.lib.stride_tricks import sliding_window_view
 
-from dvae_cli.config import DataConfig
-from dvae_cli.dataset import DatasetChunk, DatasetInfo
+from dvae_cli.formats.dataset import DatasetChunk, DatasetInfo
+from dvae_cli.params import DataConfig
 from dvae_cli.sources.transform import fit_images
 
 FACTOR_NAMES: tuple[str, ...] = ("shape", "scale", "orientation", "posX", "posY")

@@ -8,9 +8,9 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 from torchvision.datasets.folder import IMG_EXTENSIONS
 
-from dvae_cli.config import DataConfig
-from dvae_cli.dataset import DatasetChunk, DatasetInfo
-from dvae_cli.errors import UserError
+from dvae_cli.core.errors import UserError
+from dvae_cli.formats.dataset import DatasetChunk, DatasetInfo
+from dvae_cli.params import DataConfig
 from dvae_cli.sources.transform import fit_pil_image
 
 

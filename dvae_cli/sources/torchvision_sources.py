@@ -13,9 +13,9 @@ import numpy as np
 import torch
 import torchvision
 
-from dvae_cli.config import DataConfig
-from dvae_cli.dataset import TEST, TRAIN, DatasetChunk, DatasetInfo
-from dvae_cli.errors import UserError
+from dvae_cli.core.errors import UserError
+from dvae_cli.formats.dataset import TEST, TRAIN, DatasetChunk, DatasetInfo
+from dvae_cli.params import DataConfig
 from dvae_cli.sources.transform import fit_images, fit_pil_image
 
 

@@ -7,7 +7,6 @@ import torch
 from PIL import Image
 from torchvision.transforms.v2 import functional as F
 
-
 LUMA_WEIGHTS = (0.299, 0.587, 0.114)
 """ITU-R 601-2 luma, the weights of PIL's convert("L"), so that tensor and PIL sources agree."""
 

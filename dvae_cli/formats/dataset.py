@@ -17,7 +17,7 @@ from typing import Any
 import h5py
 import numpy as np
 
-from dvae_cli.errors import UserError
+from dvae_cli.core.errors import UserError
 
 FORMAT = "dvae-dataset"
 FORMAT_VERSION = 1

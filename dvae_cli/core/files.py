@@ -15,7 +15,6 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-
 _PENDING: set[Path] = set()
 """Temporary paths being written right now, for `remove_pending_temporaries` (process-wide on purpose: a
 signal handler has no other way to reach them)."""

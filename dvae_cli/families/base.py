@@ -1,11 +1,19 @@
-"""The small interface every model family shares, so trainer, encoder and renderer never branch on the family."""
+"""The interface every model family shares, so no stage branches on the family, and the `Family` record the
+registry (`dvae_cli.families`) holds for each."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor, nn
+
+if TYPE_CHECKING:
+    from dvae_cli.core.progress import Advance
+    from dvae_cli.families.evaluation import Evaluation, Sections
+    from dvae_cli.families.pictures import Rendered, RenderInputs
 
 
 @dataclass(frozen=True)
@@ -31,8 +39,6 @@ class LossOutput:
 
 class DiscreteVAE(nn.Module):
     """Base class of the model families. Images are float [N, C, H, W] in [0, 1]."""
-
-    family: str = ""
 
     def __init__(self) -> None:
         super().__init__()
@@ -89,3 +95,21 @@ class DiscreteVAE(nn.Module):
     def extra_arrays(self) -> dict[str, Tensor]:
         """Arrays the codes file stores once beside the per-row ones (VQ-VAE: the codebook)."""
         return {}
+
+
+@dataclass(frozen=True)
+class Family:
+    """Everything dvae knows of a model family: registered once, looked up by name everywhere else."""
+
+    name: str
+    """The family's params section, `--model` value and model folder name."""
+    config: type
+    """Its params section's config class (a frozen dataclass of `param` fields)."""
+    model: Callable[[Any, DataShape], DiscreteVAE]
+    """model(config, data shape) → an untrained model."""
+    metrics: Callable[[Evaluation], Sections]
+    """`dvae evaluate`'s family sections."""
+    pictures: Callable[[Any, RenderInputs, Advance], Rendered]
+    """`dvae render`'s pictures; `advance()` once per entry of `picture_files`."""
+    picture_files: tuple[str, ...]
+    """Every file `pictures` can write."""

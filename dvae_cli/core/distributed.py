@@ -14,7 +14,7 @@ from typing import TypeVar
 import torch
 import torch.distributed as dist
 
-from dvae_cli.errors import UserError
+from dvae_cli.core.errors import UserError
 
 T = TypeVar("T")
 
@@ -59,7 +59,7 @@ def _check_same_device_type(device: torch.device) -> None:
     types = [None] * dist.get_world_size()
     dist.all_gather_object(types, device.type)
     if len(set(types)) > 1:
-        raise UserError(f"ranks run on mixed device types {sorted(set(types))}; set train.device to the same "
+        raise UserError(f"ranks run on mixed device types {sorted(set(types))}; set runtime.device to the same "
                         "type on every node (cuda for NCCL, cpu for gloo)")
 
 

@@ -8,11 +8,11 @@ from pathlib import Path
 
 import numpy as np
 
-from dvae_cli.config import Params
-from dvae_cli.dataset import SPLIT_NAMES, TEST, TRAIN, VAL, DatasetInfo, DatasetWriter
-from dvae_cli.errors import UserError
-from dvae_cli.files import atomic_path
-from dvae_cli.progress import progress_bar
+from dvae_cli.core.errors import UserError
+from dvae_cli.core.files import atomic_path
+from dvae_cli.core.progress import progress_bar
+from dvae_cli.formats.dataset import SPLIT_NAMES, TEST, TRAIN, VAL, DatasetInfo, DatasetWriter
+from dvae_cli.params import Params
 from dvae_cli.sources import open_source
 
 ROWS_PER_READ = 8192

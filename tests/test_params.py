@@ -1,28 +1,23 @@
-import dataclasses
 from pathlib import Path
 
 import pytest
 import yaml
 
-from dvae_cli.config import (
-    CapacitySchedule,
-    DataConfig,
-    JointVAEConfig,
-    Params,
-    VQVAEConfig,
-    load_params,
-    parse_set_options,
-    parse_value,
-    to_dict,
-)
-from dvae_cli.errors import UserError
+from dvae_cli.core.errors import UserError
+from dvae_cli.families.jointvae.model import CapacitySchedule, JointVAEConfig
+from dvae_cli.families.vqvae.model import VQVAEConfig
+from dvae_cli.params import DataConfig, Params, load_params, parse_set_options, parse_value, to_dict
+
+PROJECT = Path(__file__).resolve().parents[1]
+PRESETS = PROJECT / "presets"
 
 DESIGN_EXAMPLE = {
     "seed": 0,
     "models": ["jointvae", "vqvae"],
     "data": {"dataset": "dsprites", "root": "data/raw", "download": False, "image_size": 64, "channels": 1,
              "subset": None, "split": [0.8, 0.1, 0.1]},
-    "train": {"device": "auto", "precision": "auto", "compile": False, "checkpoint_every": 1000, "log_every": 50},
+    "runtime": {"device": "auto", "precision": "auto", "compile": False},
+    "train": {"checkpoint_every": 1000, "log_every": 50},
     "jointvae": {"continuous": 6, "discrete": [3], "temperature": 0.67, "likelihood": "bernoulli",
                  "cont_capacity": {"max": 40.0, "steps": 300000, "gamma": 150.0},
                  "disc_capacity": {"max": 1.1, "steps": 300000, "gamma": 150.0},
@@ -48,10 +43,10 @@ def load_error(write_params, **sections) -> str:
 
 def test_design_example_loads_into_typed_objects(write_params):
     params = load_params(write_params(**DESIGN_EXAMPLE))
-    assert params == Params()
+    assert params.model_config("vqvae").num_codes == 512 and params.data.subset is None
     assert isinstance(params.data, DataConfig)
-    assert isinstance(params.jointvae.cont_capacity, CapacitySchedule)
-    assert params.jointvae.cont_capacity == CapacitySchedule(max=40.0, steps=300000, gamma=150.0)
+    assert isinstance(params.model_config("jointvae").cont_capacity, CapacitySchedule)
+    assert params.model_config("jointvae").cont_capacity == CapacitySchedule(max=40.0, steps=300000, gamma=150.0)
     assert isinstance(params.model_config("vqvae"), VQVAEConfig)
     assert isinstance(params.model_config("jointvae"), JointVAEConfig)
 
@@ -60,7 +55,7 @@ def test_missing_keys_take_defaults(write_params):
     params = load_params(write_params(data={"image_size": 32}))
     assert params.data.image_size == 32
     assert params.data.channels == DataConfig().channels
-    assert params.vqvae == VQVAEConfig()
+    assert params.model_config("vqvae") == VQVAEConfig()
     assert params.seed == 0
 
 
@@ -72,9 +67,9 @@ def test_empty_params_file_is_all_defaults(tmp_path):
 
 def test_integer_is_accepted_where_a_number_is_expected(write_params):
     params = load_params(write_params(vqvae={"beta": 1}, jointvae={"cont_capacity": {"max": 5}}))
-    assert params.vqvae.beta == 1.0 and isinstance(params.vqvae.beta, float)
-    assert params.jointvae.cont_capacity.max == 5.0
-    assert params.jointvae.cont_capacity.steps == 300000
+    assert params.model_config("vqvae").beta == 1.0 and isinstance(params.model_config("vqvae").beta, float)
+    assert params.model_config("jointvae").cont_capacity.max == 5.0
+    assert params.model_config("jointvae").cont_capacity.steps == JointVAEConfig().cont_capacity.steps
 
 
 @pytest.mark.parametrize("subset", [None, 100, 0.25, 1.0])
@@ -132,8 +127,8 @@ def test_wrong_type_names_key_and_expected_type(write_params, sections, key, all
     ({"data": {"channels": 2}}, "data.channels", "1 | 3"),
     ({"data": {"channels": 1.0}}, "data.channels", "1 | 3"),
     ({"models": ["vqvae", "vae"]}, "models[1]", "'jointvae' | 'vqvae'"),
-    ({"train": {"precision": "fp64"}}, "train.precision", "'fp32'"),
-    ({"train": {"device": "gpu"}}, "train.device", "cuda:N"),
+    ({"runtime": {"precision": "fp64"}}, "runtime.precision", "'fp32'"),
+    ({"runtime": {"device": "gpu"}}, "runtime.device", "cuda:N"),
     ({"vqvae": {"codebook_update": "sgd"}}, "vqvae.codebook_update", "'ema' | 'loss'"),
 ])
 def test_value_outside_a_choice_names_key_and_choices(write_params, sections, key, allowed):
@@ -201,8 +196,8 @@ def test_parse_value_reads_yaml_scalars_and_lists(text, value):
 
 
 def test_parse_set_options():
-    assert parse_set_options(["vqvae.num_codes=256", "data.split=[0.6, 0.2, 0.2]", "train.device=cuda:0"]) == {
-        "vqvae.num_codes": 256, "data.split": [0.6, 0.2, 0.2], "train.device": "cuda:0"}
+    assert parse_set_options(["vqvae.num_codes=256", "data.split=[0.6, 0.2, 0.2]", "runtime.device=cuda:0"]) == {
+        "vqvae.num_codes": 256, "data.split": [0.6, 0.2, 0.2], "runtime.device": "cuda:0"}
 
 
 def test_set_option_without_equals_sign():
@@ -216,9 +211,10 @@ def test_precedence_override_over_file_over_default(write_params):
     assert params.data.image_size == 16  # override beats file
     assert params.data.channels == 3  # file beats default
     assert params.seed == 5
-    assert params.vqvae.num_codes == 64  # override of a section the file does not have
-    assert params.vqvae.hidden == VQVAEConfig().hidden  # default
-    assert params.jointvae.cont_capacity == CapacitySchedule(max=7.5, steps=300000, gamma=150.0)
+    assert params.model_config("vqvae").num_codes == 64  # override of a section the file does not have
+    assert params.model_config("vqvae").hidden == VQVAEConfig().hidden  # default
+    default = JointVAEConfig().cont_capacity
+    assert params.model_config("jointvae").cont_capacity == CapacitySchedule(7.5, default.steps, default.gamma)
 
 
 def test_override_is_validated_like_the_file(write_params):
@@ -238,8 +234,11 @@ def test_override_below_a_value_that_is_not_a_section(write_params):
 
 def test_partial_nested_section_keeps_the_other_defaults(write_params):
     params = load_params(write_params(jointvae={"disc_capacity": {"gamma": 30.0}}), {"jointvae.cont_capacity.max": 5})
-    assert params.jointvae.disc_capacity == CapacitySchedule(max=1.1, steps=300000, gamma=30.0)
-    assert params.jointvae.cont_capacity == CapacitySchedule(max=5.0, steps=300000, gamma=150.0)
+    default = JointVAEConfig()
+    assert params.model_config("jointvae").disc_capacity == CapacitySchedule(default.disc_capacity.max,
+                                                                             default.disc_capacity.steps, 30.0)
+    assert params.model_config("jointvae").cont_capacity == CapacitySchedule(5.0, default.cont_capacity.steps,
+                                                                             default.cont_capacity.gamma)
 
 
 def test_override_does_not_change_the_file(write_params):
@@ -249,26 +248,68 @@ def test_override_does_not_change_the_file(write_params):
     assert path.read_text() == before
 
 
-PRESETS = Path(__file__).resolve().parents[1] / "presets"
+def test_shipped_params_are_the_defaults():
+    """One set of defaults: params.yaml writes out the schema's (DVC needs every tracked key in the file)."""
+    assert load_params(PROJECT / "params.yaml") == Params()
+
+
+@pytest.mark.parametrize(("moved", "new"), [("device", "runtime.device"), ("precision", "runtime.precision"),
+                                            ("compile", "runtime.compile")])
+def test_a_moved_key_names_its_new_place(write_params, moved, new):
+    message = load_error(write_params, train={moved: "auto" if moved != "compile" else False, "log_every": 5})
+    assert f"`train.{moved}` has moved to `{new}`" in message
 
 
 @pytest.mark.parametrize("preset", sorted(PRESETS.glob("*.yaml")), ids=lambda p: p.stem)
-def test_every_preset_is_a_complete_valid_params_file(preset: Path) -> None:
-    raw = yaml.safe_load(preset.read_text())
-    assert set(raw) == {f.name for f in dataclasses.fields(Params)}
-    params = load_params(preset)
+def test_every_preset_is_an_overlay_of_changed_keys_only(preset: Path) -> None:
+    overlay = yaml.safe_load(preset.read_text())
+    defaults = to_dict(Params())
+
+    def unchanged(new: dict, base: dict, prefix: str = "") -> list[str]:
+        found = []
+        for key, value in new.items():
+            if isinstance(value, dict) and isinstance(base.get(key), dict):
+                found += unchanged(value, base[key], f"{prefix}{key}.")
+            elif base.get(key) == value:
+                found.append(prefix + key)
+        return found
+
+    assert unchanged(overlay, defaults) == []
+    params = load_params(PROJECT / "params.yaml", preset=preset.stem)
     assert params.models == [preset.stem.split("-")[0]]
 
 
-def test_presets_hold_the_papers_settings() -> None:
-    dsprites = load_params(PRESETS / "jointvae-dsprites.yaml").jointvae
+def test_preset_merges_over_the_params_file_and_under_overrides(write_params):
+    path = write_params(seed=4, jointvae={"temperature": 0.5, "lr": 0.01})
+    params = load_params(path, {"jointvae.epochs": 2}, preset=str(PRESETS / "jointvae-dsprites.yaml"))
+    config = params.model_config("jointvae")
+    assert (params.seed, config.temperature) == (4, 0.5)  # the file where the preset is silent
+    assert config.lr == 5e-4  # the preset over the file
+    assert config.epochs == 2  # the override over the preset
+    assert config.disc_capacity == CapacitySchedule(1.1, 300000, 150.0)  # a partial nested overlay
+
+
+def test_unknown_preset_lists_the_available_ones(tmp_path, monkeypatch):
+    monkeypatch.chdir(PROJECT)
+    with pytest.raises(UserError, match="preset 'jointvae-mnst' not found.*available: .*jointvae-mnist"):
+        load_params(PROJECT / "params.yaml", preset="jointvae-mnst")
+
+
+def test_presets_hold_the_papers_settings(monkeypatch) -> None:
+    monkeypatch.chdir(PROJECT)
+
+    def preset(name: str) -> Params:
+        return load_params("params.yaml", preset=name)
+
+    dsprites = preset("jointvae-dsprites").model_config("jointvae")
     assert (dsprites.continuous, dsprites.discrete, dsprites.lr, dsprites.batch_size) == (6, [3], 5e-4, 64)
     assert (dsprites.cont_capacity.max, dsprites.cont_capacity.steps, dsprites.cont_capacity.gamma) == (40, 300000, 150)
     assert (dsprites.disc_capacity.max, dsprites.disc_capacity.steps) == (1.1, 300000)
-    cifar = load_params(PRESETS / "vqvae-cifar10.yaml")
+    cifar = preset("vqvae-cifar10")
+    vq = cifar.model_config("vqvae")
     assert (cifar.data.image_size, cifar.data.channels, cifar.train.max_steps) == (32, 3, 250000)
-    assert (cifar.vqvae.hidden, cifar.vqvae.res_blocks, cifar.vqvae.downsample) == (256, 2, 4)
-    assert (cifar.vqvae.num_codes, cifar.vqvae.code_dim, cifar.vqvae.beta, cifar.vqvae.lr) == (512, 64, 0.25, 2e-4)
-    mnist = load_params(PRESETS / "jointvae-mnist.yaml").jointvae
+    assert (vq.hidden, vq.res_blocks, vq.downsample) == (256, 2, 4)
+    assert (vq.num_codes, vq.code_dim, vq.beta, vq.lr) == (512, 64, 0.25, 2e-4)
+    mnist = preset("jointvae-mnist").model_config("jointvae")
     assert (mnist.continuous, mnist.discrete, mnist.cont_capacity.max, mnist.cont_capacity.steps,
             mnist.cont_capacity.gamma, mnist.epochs) == (10, [10], 5, 25000, 30, 100)

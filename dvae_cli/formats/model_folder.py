@@ -13,22 +13,22 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save
 
 from dvae_cli import __version__
-from dvae_cli.config import MODEL_FAMILIES, JointVAEConfig, VQVAEConfig, build
-from dvae_cli.errors import UserError
-from dvae_cli.files import sha256_file, write_bytes_atomic, write_json_atomic
-from dvae_cli.models import REGISTRY, DataShape, DiscreteVAE, build_model
+from dvae_cli.core.errors import UserError
+from dvae_cli.core.files import sha256_file, write_bytes_atomic, write_json_atomic
+from dvae_cli.core.schema import build
+from dvae_cli.families import FAMILIES, DataShape, DiscreteVAE
 
 WEIGHTS = "model.safetensors"
 CONFIG = "config.json"
 CHECKPOINT = "checkpoint.pt"
-CONFIG_CLASSES = {"jointvae": JointVAEConfig, "vqvae": VQVAEConfig}
 
 
 @dataclass
 class LoadedModel:
     model: DiscreteVAE
     family: str
-    config: JointVAEConfig | VQVAEConfig
+    config: Any
+    """The family's config (its params section)."""
     data: DataShape
     record: dict[str, Any]
     """The whole config.json."""
@@ -40,14 +40,14 @@ def contiguous_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {name: tensor.detach().cpu().contiguous() for name, tensor in model.state_dict().items()}
 
 
-def save_model(folder: Path, model: DiscreteVAE, config: JointVAEConfig | VQVAEConfig, data: DataShape,
+def save_model(folder: Path, family: str, model: DiscreteVAE, config: Any, data: DataShape,
                extra: dict[str, Any]) -> str:
     """Write weights then config.json (each atomically); returns the weights' sha256."""
     # One metadata key only: safetensors keeps metadata in a hash map, so several keys come out in varying order.
     weights = save(contiguous_state_dict(model), metadata={"format": "dvae-weights"})
     write_bytes_atomic(folder / WEIGHTS, weights)
     weights_sha256 = sha256_file(folder / WEIGHTS)
-    record = {"family": model.family, "dvae_version": __version__, "model": dataclasses.asdict(config),
+    record = {"family": family, "dvae_version": __version__, "model": dataclasses.asdict(config),
               "data": dataclasses.asdict(data), "weights_sha256": weights_sha256, **extra}
     write_json_atomic(folder / CONFIG, record)
     return weights_sha256
@@ -64,13 +64,13 @@ def load_model(folder: Path, family: str | None = None, device: torch.device | s
         found_family = record["family"]
     except (json.JSONDecodeError, KeyError, TypeError):
         raise UserError(f"{folder / CONFIG} is not a dvae model config; re-create it with `dvae train`") from None
-    if found_family not in MODEL_FAMILIES:
+    if found_family not in FAMILIES:
         raise UserError(f"{folder / CONFIG} names unknown model family {found_family!r}")
     if family is not None and found_family != family:
         raise UserError(f"{folder} holds a {found_family} model, not {family}; pass the {family} model folder")
-    config = build(CONFIG_CLASSES[found_family], record["model"], found_family)
+    config = build(FAMILIES[found_family].config, record["model"], found_family)
     data = DataShape(**record["data"])
-    model = build_model(found_family, config, data)
+    model = FAMILIES[found_family].model(config, data)
     try:
         state = load_file(folder / WEIGHTS)
     except (SafetensorError, OSError):
@@ -83,6 +83,3 @@ def load_model(folder: Path, family: str | None = None, device: torch.device | s
     model.to(device).eval()
     return LoadedModel(model=model, family=found_family, config=config, data=data, record=record,
                        weights_sha256=sha256_file(folder / WEIGHTS))
-
-
-assert set(REGISTRY) == set(CONFIG_CLASSES) == set(MODEL_FAMILIES)

@@ -17,13 +17,13 @@ import pytest
 import torch
 import yaml
 
-from dvae_cli.checkpoint import load_checkpoint
-from dvae_cli.config import load_params
-from dvae_cli.errors import TrainingDiverged, UserError
-from dvae_cli.models.jointvae import JointVAE
-from dvae_cli.prepare import prepare_data
-from dvae_cli.dataset import pixel_histogram, pixel_variance
-from dvae_cli.trainer import TrainPaths, epoch_permutation, train
+from dvae_cli.core.errors import TrainingDiverged, UserError
+from dvae_cli.families.jointvae.model import JointVAE
+from dvae_cli.formats.checkpoint import load_checkpoint
+from dvae_cli.formats.dataset import pixel_histogram, pixel_variance
+from dvae_cli.params import load_params
+from dvae_cli.stages.prepare import prepare_data
+from dvae_cli.stages.train import TrainPaths, epoch_permutation, train
 from tests.conftest import TINY_PARAMS
 
 FAMILIES = ("jointvae", "vqvae")

@@ -8,11 +8,14 @@ import ctypes.util
 import os
 import sys
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
-from dvae_cli.config import TrainConfig
-from dvae_cli.errors import UserError
+from dvae_cli.core.errors import UserError
+
+if TYPE_CHECKING:
+    from dvae_cli.params import RuntimeConfig
 
 GPU_DATA_FRACTION = 0.4
 """Keep the uint8 data on the GPU when it takes at most this fraction of the free GPU memory."""
@@ -90,25 +93,25 @@ def resolve_device(name: str) -> torch.device:
     device = torch.device(name)
     if device.type == "cuda":
         if not torch.cuda.is_available():
-            raise UserError(f"train.device is {name} but no CUDA GPU is visible (check nvidia-smi and that torch "
-                            "is a CUDA build); set train.device: auto or cpu")
+            raise UserError(f"runtime.device is {name} but no CUDA GPU is visible (check nvidia-smi and that torch "
+                            "is a CUDA build); set runtime.device: auto or cpu")
         index = device.index if device.index is not None else int(os.environ.get("LOCAL_RANK", "0"))
         if index >= torch.cuda.device_count():
-            raise UserError(f"train.device is {name} but only {torch.cuda.device_count()} GPU(s) are visible; "
+            raise UserError(f"runtime.device is {name} but only {torch.cuda.device_count()} GPU(s) are visible; "
                             "pick an existing index")
         return torch.device("cuda", index)
     if device.type == "mps" and not torch.backends.mps.is_available():
-        raise UserError("train.device is mps but MPS is not available here; set train.device: auto or cpu")
+        raise UserError("runtime.device is mps but MPS is not available here; set runtime.device: auto or cpu")
     return device
 
 
-def resolve_runtime(config: TrainConfig) -> Runtime:
+def resolve_runtime(config: RuntimeConfig) -> Runtime:
     device = resolve_device(config.device)
     precision = config.precision
     if precision == "auto":
         precision = "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "fp32"
     if precision == "fp16" and device.type != "cuda":
-        raise UserError(f"train.precision fp16 needs a CUDA GPU, the device is {device}; use bf16 or fp32")
+        raise UserError(f"runtime.precision fp16 needs a CUDA GPU, the device is {device}; use bf16 or fp32")
     dtype = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
     # channels_last measured faster for both families on CUDA and on this AVX2 CPU (1.2-1.6× on the convolutions)
     return Runtime(device=device, autocast_dtype=dtype, channels_last=device.type in ("cuda", "cpu"))

@@ -1,0 +1,68 @@
+"""JointVAE's evaluation sections: KL terms, negative ELBO, discrete variables against labels, factor metrics."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+
+from dvae_cli.families.evaluation import Evaluation, ReconstructionTotals, Sections, cluster_section, factor_metrics
+from dvae_cli.families.jointvae.model import JointVAEConfig, kl_categorical, kl_normal
+
+ACTIVE_KL_THRESHOLD = 0.01
+"""A continuous dimension whose KL (nats, averaged over images) exceeds this counts as active."""
+
+
+def gaussian_nll_per_image(totals: ReconstructionTotals) -> float:
+    """−log N(x; x̂, ½ I) per image in nats: the SSE JointVAE's gaussian likelihood trains on, plus (D/2) log π."""
+    return totals.squared_error / totals.images + 0.5 * totals.pixels_per_image * math.log(math.pi)
+
+
+def factor_representation(continuous_mean: np.ndarray, discrete: np.ndarray) -> np.ndarray:
+    """JointVAE's representation for factor metrics: [N, d] continuous means, then one column per discrete argmax."""
+    return np.hstack([continuous_mean.astype(np.float64), discrete.astype(np.float64)])
+
+
+def jointvae_metrics(run: Evaluation) -> Sections:
+    """KL terms, negative ELBO, clustering of each discrete variable against the labels, factor metrics.
+
+    The negative ELBO is evaluated at the posterior mean and the most likely categories (the evaluation-mode
+    reconstruction), under the model's likelihood: Bernoulli NLL of the clamped decoder probabilities, or
+    `gaussian_nll_per_image`; KL_z + KL_c are exact. Nats per image; bits per dimension = nats / (C·H·W·ln 2).
+    """
+    config: JointVAEConfig = run.loaded.config
+    totals = run.reconstruction
+    mean, logvar = run.read("continuous_mean"), run.read("continuous_logvar")
+    probs, discrete = run.read("discrete_probs"), run.read("discrete")
+    if mean is None or logvar is None:
+        mean = logvar = np.zeros((totals.images, 0), dtype=np.float32)
+    if probs is None or discrete is None:
+        probs, discrete = np.zeros((totals.images, 0), dtype=np.float32), np.zeros((totals.images, 0), dtype=np.int64)
+
+    with run.timed("kl"):
+        kl_per_dim = kl_normal(torch.from_numpy(mean).double(), torch.from_numpy(logvar).double()).numpy()
+        split_probs = np.split(probs, np.cumsum(config.discrete)[:-1], axis=1) if config.discrete else []
+        kl_per_variable = [kl_categorical(torch.from_numpy(p).double()).item() for p in split_probs]
+    kl_z, kl_c = float(kl_per_dim.sum()), float(sum(kl_per_variable))
+    recon_nll = (totals.bernoulli_nll / totals.images if config.likelihood == "bernoulli"
+                 else gaussian_nll_per_image(totals))
+    negative_elbo = recon_nll + kl_z + kl_c
+    sections: Sections = {
+        "latent": {"kl_z": kl_z, "kl_c": kl_c,
+                   "kl_z_per_dim": {str(i): float(kl) for i, kl in enumerate(kl_per_dim)},
+                   "kl_c_per_variable": {str(j): kl for j, kl in enumerate(kl_per_variable)},
+                   "active_dims": int((kl_per_dim > ACTIVE_KL_THRESHOLD).sum())},
+        "elbo": {"negative_elbo": negative_elbo, "reconstruction_nll": recon_nll,
+                 "bits_per_dim": negative_elbo / (totals.pixels_per_image * math.log(2))},
+    }
+    labels = run.read("labels")
+    if labels is not None and discrete.shape[1]:
+        with run.timed("labels"):
+            sections["labels"] = {f"discrete_{j}": cluster_section(discrete[:, j], labels, categories,
+                                                                    run.info.num_classes)
+                                  for j, categories in enumerate(config.discrete)}
+    factor_classes = run.read("factor_classes")
+    if factor_classes is not None:
+        sections.update(factor_metrics(run, factor_representation(mean, discrete), factor_classes))
+    return sections

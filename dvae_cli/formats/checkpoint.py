@@ -1,0 +1,107 @@
+"""`checkpoint.pt`: the resumable training state (`TrainState`), saved atomically, loaded only with weights_only=True."""
+
+from __future__ import annotations
+
+import pickle
+import zipfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from dvae_cli.core.errors import UserError
+from dvae_cli.core.files import atomic_path
+
+FORMAT = "dvae-checkpoint"
+FORMAT_VERSION = 1
+
+
+@dataclass
+class TrainState:
+    """Everything a run needs to go on exactly where it stopped: `capture` gives its checkpoint form, `restore`
+    takes it back. Data order and sampling noise are functions of (seed, step), so they need no state of their own."""
+
+    family: str
+    fingerprint: dict[str, Any]
+    """What must be unchanged for a checkpoint to resume (model params but epochs, seed, dataset hash)."""
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler
+    device: torch.device
+    step: int = 0
+    epoch_counts: dict[str, Tensor] = field(default_factory=dict)
+    """The current epoch's summed per-batch counts (squared error, pixels, code usage, ...)."""
+    logged: dict[str, float] = field(default_factory=dict)
+    """The figures last logged (the run's final metrics)."""
+
+    def capture(self) -> dict[str, Any]:
+        on_cuda = self.device.type == "cuda"
+        return {"family": self.family, "fingerprint": self.fingerprint, "step": self.step,
+                "model": {k: v.contiguous() for k, v in self.model.state_dict().items()},
+                "optimizer": self.optimizer.state_dict(), "scaler": self.scaler.state_dict(),
+                "epoch_counts": self.epoch_counts, "logged": self.logged,
+                "rng": {"torch": torch.get_rng_state(),
+                        "cuda": torch.cuda.get_rng_state(self.device) if on_cuda else None}}
+
+    def restore(self, state: dict[str, Any]) -> None:
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scaler.load_state_dict(state["scaler"])
+        self.step, self.epoch_counts, self.logged = state["step"], state["epoch_counts"], state["logged"]
+        torch.set_rng_state(state["rng"]["torch"])
+        if self.device.type == "cuda" and state["rng"]["cuda"]:
+            torch.cuda.set_rng_state(state["rng"]["cuda"], self.device)
+
+
+def save_checkpoint(path: Path, state: TrainState) -> None:
+    with atomic_path(path) as tmp:
+        torch.save({"format": FORMAT, "format_version": FORMAT_VERSION, **state.capture()}, tmp)
+
+
+def load_checkpoint(path: Path, family: str) -> dict[str, Any]:
+    """The checkpoint's state; every way it can be wrong (pickled code, damage, other family) is a UserError."""
+    fix = f"delete it or pass --restart to start {family} training over"
+    if not zipfile.is_zipfile(path):
+        raise UserError(f"checkpoint {path} is truncated or damaged; {fix}")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:
+        raise UserError(f"checkpoint {path} carries pickled code or objects, refusing to load it; {fix}") from None
+    except (RuntimeError, EOFError, OSError, zipfile.BadZipFile, ValueError):
+        raise UserError(f"checkpoint {path} is truncated or damaged; {fix}") from None
+    if not isinstance(state, dict) or state.get("format") != FORMAT:
+        raise UserError(f"{path} is not a dvae checkpoint; {fix}")
+    if state.get("format_version") != FORMAT_VERSION:
+        raise UserError(f"checkpoint {path} has format version {state.get('format_version')}, this dvae reads "
+                        f"{FORMAT_VERSION}; {fix}")
+    if state.get("family") != family:
+        raise UserError(f"checkpoint {path} belongs to a {state.get('family')} model, not {family}; {fix}")
+    return state
+
+
+def first_difference(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -> str:
+    """The first key (sorted, depth first) whose value differs, as "key: old → new"; "" when equal."""
+    for key in sorted(set(old) | set(new)):
+        a, b = old.get(key), new.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            found = first_difference(a, b, f"{prefix}{key}.")
+            if found:
+                return found
+        elif a != b:
+            return f"{prefix}{key}: {a} → {b}"
+    return ""
+
+
+def resume(state: TrainState, path: Path, restart_on_mismatch: bool) -> None:
+    """Restore `state` from the checkpoint at `path` when it was made with the same fingerprint.
+
+    Another fingerprint is an error, or (with `restart_on_mismatch`) leaves `state` as it is, to start over.
+    """
+    saved = load_checkpoint(path, state.family)
+    difference = first_difference(saved["fingerprint"], state.fingerprint)
+    if difference and not restart_on_mismatch:
+        raise UserError(f"checkpoint {path} was made with other settings ({difference}); pass --restart to start over")
+    if not difference:
+        state.restore(saved)

@@ -1,0 +1,221 @@
+"""params.yaml as typed, validated config objects: the one set of defaults and the loader.
+
+Sections: seed, models, data, runtime (read by every stage), train (the shared training loop), one section per
+registered model family (its config class lives beside its model), encode, evaluate, render. Precedence:
+command-line flag > preset > params file > the defaults declared here and in the family configs. Unknown keys,
+wrong types, out-of-range values and keys of an older layout are `UserError`s that name the key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from dvae_cli.core.errors import UserError
+from dvae_cli.core.schema import DERIVED, KeyName, build, convert, param
+from dvae_cli.families import FAMILIES
+
+PRESETS_FOLDER = Path("presets")
+MOVED_KEYS = {"train.device": "runtime.device", "train.precision": "runtime.precision",
+              "train.compile": "runtime.compile"}
+"""Keys of an older params layout → where they live now."""
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    dataset: Literal["dsprites", "mnist", "fashion-mnist", "cifar10", "celeba", "folder"] = param(
+        "dsprites", help="data source")
+    root: str = param("data/raw", help="where torchvision and folder sources read")
+    download: bool = param(False, help="let torchvision sources download")
+    image_size: int = param(64, help="square image side in pixels", ge=4, le=1024)
+    channels: Literal[1, 3] = param(1, help="1 (grayscale) or 3 (RGB)")
+    subset: int | float | None = param(20000, help="null, an int count, or a fraction in (0, 1]", gt=0)
+    split: list[float] = param(factory=lambda: [0.8, 0.1, 0.1],
+                               help="train/val/test fractions for sources without an official split")
+
+    def validate(self, key: KeyName) -> None:
+        if len(self.split) != 3 or any(f < 0 for f in self.split) or not math.isclose(sum(self.split), 1.0, abs_tol=1e-6):
+            raise UserError(f"params: `{key('split')}` is {self.split}; it must be three non-negative fractions "
+                            "train/val/test that sum to 1")
+        if self.split[0] == 0:
+            raise UserError(f"params: `{key('split')}` gives the train split no images; make its first fraction > 0")
+        if isinstance(self.subset, float) and self.subset > 1:
+            raise UserError(f"params: `{key('subset')}` is {self.subset}; a fraction must be in (0, 1], "
+                            "or give an integer count")
+
+
+@dataclass(frozen=True)
+class RuntimeConfig:
+    """Where and how every stage runs its tensors."""
+
+    device: str = param("auto", help="auto | cpu | cuda | cuda:N | mps")
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = param("auto", help="auto: bf16 autocast on CUDA, fp32 on CPU")
+    compile: bool = param(False, help="torch.compile the model")
+
+    def validate(self, key: KeyName) -> None:
+        device = self.device
+        if not (device in ("auto", "cpu", "cuda", "mps") or (device.startswith("cuda:") and device[5:].isdigit())):
+            raise UserError(f"params: `{key('device')}` is {device!r}; allowed: auto | cpu | cuda | cuda:N | mps")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """The training loop every family shares."""
+
+    checkpoint_every: int = param(500, help="steps between checkpoints", ge=1)
+    log_every: int = param(50, help="steps between logged points", ge=1)
+    max_steps: int | None = param(None, help="stop after this many steps (null: train all epochs)", ge=1)
+
+
+@dataclass(frozen=True)
+class EncodeConfig:
+    batch_size: int = param(512, help="images per encoding batch", ge=1)
+
+
+@dataclass(frozen=True)
+class EvaluateConfig:
+    num_samples: int = param(10000, help="points sampled for MIG and the FactorVAE score", ge=1)
+    dci: bool = param(False, help="also compute DCI (gradient-boosted trees; slow)")
+    batch_size: int = param(512, help="images per evaluation batch", ge=1)
+
+
+@dataclass(frozen=True)
+class RenderConfig:
+    steps: int = param(8, help="columns of a traversal", ge=2)
+    base_index: int = param(0, help="test image the traversals start from", ge=0)
+    seed: int = param(0, help="seed for prior samples and chosen images", ge=0)
+
+
+def _default_model_configs() -> Mapping[str, Any]:
+    return {name: family.config() for name, family in FAMILIES.items()}
+
+
+@dataclass(frozen=True)
+class Params:
+    seed: int = param(0, help="seed of everything random", ge=0)
+    models: list[str] = param(factory=lambda: list(FAMILIES), help="model families `dvc repro` trains")
+    data: DataConfig = param(factory=DataConfig, help="dataset preparation")
+    runtime: RuntimeConfig = param(factory=RuntimeConfig, help="device, precision and compilation of every stage")
+    train: TrainConfig = param(factory=TrainConfig, help="the training loop, shared by all models")
+    encode: EncodeConfig = param(factory=EncodeConfig, help="dvae encode")
+    evaluate: EvaluateConfig = param(factory=EvaluateConfig, help="dvae evaluate")
+    render: RenderConfig = param(factory=RenderConfig, help="dvae render")
+    model_configs: Mapping[str, Any] = field(default_factory=_default_model_configs, metadata={DERIVED: True})
+    """Family name → its section (the family's config class), for every registered family."""
+
+    def model_config(self, family: str) -> Any:
+        return self.model_configs[family]
+
+    def validate(self, key: KeyName) -> None:
+        for i, name in enumerate(self.models):
+            if name not in FAMILIES:
+                raise UserError(f"params: `models[{i}]` is {name!r}; allowed: {' | '.join(map(repr, FAMILIES))}")
+        if len(set(self.models)) != len(self.models):
+            raise UserError(f"params: `models` lists a family twice: {self.models}")
+
+
+def build_params(raw: Mapping[str, Any]) -> Params:
+    """Params from a whole mapping: family sections by the registry's config classes, the rest by `Params`."""
+    for old, new in MOVED_KEYS.items():
+        section, name = old.split(".")
+        if isinstance(raw.get(section), dict) and name in raw[section]:
+            raise UserError(f"params: `{old}` has moved to `{new}`; move it into the `runtime` section")
+    rest = {key: value for key, value in raw.items() if key not in FAMILIES}
+    model_configs = {name: convert(raw.get(name, {}), family.config, name) for name, family in FAMILIES.items()}
+    params = build(Params, rest, also_allowed=list(FAMILIES))
+    return dataclasses.replace(params, model_configs=model_configs)
+
+
+def to_dict(params: Params) -> dict[str, Any]:
+    """The mapping `build_params` reads back into equal params (family sections at the top level)."""
+    raw = {f.name: dataclasses.asdict(getattr(params, f.name)) if dataclasses.is_dataclass(getattr(params, f.name))
+           else getattr(params, f.name) for f in dataclasses.fields(params) if not f.metadata.get(DERIVED)}
+    raw.update({name: dataclasses.asdict(config) for name, config in params.model_configs.items()})
+    return raw
+
+
+def parse_value(text: str) -> Any:
+    """A command-line override value, read as YAML (so `3`, `0.5`, `true`, `null`, `[3, 2]` work)."""
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
+
+
+def apply_override(raw: dict[str, Any], dotted: str, value: Any) -> None:
+    node = raw
+    parts = dotted.split(".")
+    for part in parts[:-1]:
+        child = node.get(part)
+        if child is None:
+            child = node[part] = {}
+        if not isinstance(child, dict):
+            raise UserError(f"params: cannot set `{dotted}`: `{part}` is not a section")
+        node = child
+    node[parts[-1]] = value
+
+
+def merge(base: dict[str, Any], overlay: Mapping[str, Any]) -> dict[str, Any]:
+    """`overlay` over `base`: mappings merge key by key, anything else replaces."""
+    merged = dict(base)
+    for key, value in overlay.items():
+        merged[key] = merge(merged[key], value) if isinstance(value, dict) and isinstance(merged.get(key), dict) \
+            else value
+    return merged
+
+
+def read_params_file(path: Path) -> dict[str, Any]:
+    if not path.exists():
+        raise UserError(f"params file {path} not found; pass --params PATH or run in the project root")
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as error:
+        mark = getattr(error, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark else ""
+        raise UserError(f"params file {path} is not valid YAML{where}; fix its syntax") from None
+    if raw is None:
+        return {}
+    if not isinstance(raw, dict):
+        raise UserError(f"params file {path} must be a mapping of sections (seed, data, train, ...)")
+    return raw
+
+
+def preset_path(preset: str) -> Path:
+    """A preset by name (`presets/NAME.yaml` under the working folder) or by path."""
+    path = Path(preset)
+    if path.suffix not in (".yaml", ".yml"):
+        path = PRESETS_FOLDER / f"{preset}.yaml"
+    if not path.exists():
+        available = sorted(p.stem for p in PRESETS_FOLDER.glob("*.yaml")) if PRESETS_FOLDER.is_dir() else []
+        listed = f"available: {', '.join(available)}" if available else "run in the project root or pass a path"
+        raise UserError(f"preset {preset!r} not found ({path}); {listed}")
+    return path
+
+
+def load_params(path: Path | str = "params.yaml", overrides: dict[str, Any] | None = None,
+                missing_ok: bool = False, preset: str | None = None) -> Params:
+    """Read and validate a params file, merge a preset over it, then apply `overrides` (dotted key → value)."""
+    path = Path(path)
+    raw = {} if missing_ok and not path.exists() else read_params_file(path)
+    if preset is not None:
+        raw = merge(raw, read_params_file(preset_path(preset)))
+    for dotted, value in (overrides or {}).items():
+        apply_override(raw, dotted, value)
+    return build_params(raw)
+
+
+def parse_set_options(pairs: list[str]) -> dict[str, Any]:
+    """`--set key.sub=value` options into an overrides mapping."""
+    overrides = {}
+    for pair in pairs:
+        if "=" not in pair:
+            raise UserError(f"--set {pair!r} must look like key.sub=value (for example vqvae.num_codes=256)")
+        dotted, text = pair.split("=", 1)
+        overrides[dotted.strip()] = parse_value(text)
+    return overrides

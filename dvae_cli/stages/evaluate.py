@@ -1,0 +1,157 @@
+"""`dvae evaluate`: the figures that say whether a discrete representation is good, as `metrics/M.json`.
+
+Everything is computed on the evaluation split (test, or val when there is no test split). Reconstructions are
+decoded from the codes file's latents: the codes file is checked to come from this model and this dataset, and
+decoding a row's latent is the model's evaluation-mode reconstruction of that row. Code usage, labels and
+factors are read from the codes file too, so the encoder never runs again.
+
+The JSON holds nested sections of numbers only; a figure that is not finite (the PSNR of a perfect
+reconstruction) is left out rather than written as inf or NaN, which JSON and `dvc metrics` cannot compare.
+Sections: `evaluation` (split: 2 test, 1 val; images), `reconstruction`, then the family's own (its registered
+`metrics`: JointVAE `latent`, `elbo`, `labels`, `factors`, `sample`; VQ-VAE `codes`, `labels`).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from dvae_cli.core.errors import UserError
+from dvae_cli.core.files import sha256_file, write_json_atomic
+from dvae_cli.core.metrics import normalized_mse, psnr
+from dvae_cli.core.progress import progress_bar
+from dvae_cli.core.runtime import resolve_runtime
+from dvae_cli.families import get_family
+from dvae_cli.families.evaluation import Evaluation, ReconstructionTotals, Sections, timed
+from dvae_cli.formats.codes import CodesFile, as_tensor
+from dvae_cli.formats.dataset import SPLIT_NAMES, DatasetFile, pixel_histogram, pixel_variance, read_rows
+from dvae_cli.formats.model_folder import LoadedModel, load_model
+from dvae_cli.params import Params
+
+PROBABILITY_FLOOR = 1e-6
+"""Decoder probabilities are clamped to [floor, 1 − floor] before the Bernoulli log-likelihood."""
+
+
+@dataclass(frozen=True)
+class EvaluatePaths:
+    model_dir: Path
+    dataset: Path
+    codes: Path
+    metrics: Path
+
+
+@dataclass
+class EvaluateResult:
+    family: str
+    metrics: Sections
+    """What `metrics` holds, as written."""
+    split_name: str
+    num_images: int
+    notes: list[str]
+    """Things the user should know that are not errors (e.g. a sample capped at the split size)."""
+    seconds: dict[str, float]
+    """Wall time of each group of metrics, in the order computed."""
+    path: Path
+
+
+@torch.inference_mode()
+def reconstruction_totals(loaded: LoadedModel, latent: dict[str, np.ndarray], images: np.ndarray,
+                          batch_size: int, device: torch.device, show_progress: bool) -> ReconstructionTotals:
+    """Decode `latent` (codes-file arrays of the evaluation rows) batch by batch and sum the errors against `images`."""
+    counts = pixel_histogram(images)
+    squared_error = torch.zeros((), dtype=torch.float64, device=device)
+    bernoulli_nll = torch.zeros((), dtype=torch.float64, device=device)
+    with progress_bar(f"evaluate {loaded.family}", len(images), enabled=show_progress) as advance:
+        for start in range(0, len(images), batch_size):
+            stop = min(start + batch_size, len(images))
+            x = torch.from_numpy(images[start:stop]).to(device).float().div_(255)
+            decoded = loaded.model.decode({name: as_tensor(array[start:stop]).to(device)
+                                           for name, array in latent.items()}).float()
+            squared_error += (decoded - x).pow(2).sum(dtype=torch.float64)
+            probabilities = decoded.clamp(PROBABILITY_FLOOR, 1.0 - PROBABILITY_FLOOR)
+            bernoulli_nll += F.binary_cross_entropy(probabilities, x, reduction="sum").double()
+            advance(stop - start)
+    return ReconstructionTotals(
+        images=len(images),
+        pixels_per_image=int(np.prod(images.shape[1:])),
+        squared_error=squared_error.item(),
+        bernoulli_nll=bernoulli_nll.item(),
+        pixel_variance=pixel_variance(counts),
+        binary=not counts[1:255].any(),
+    )
+
+
+def reconstruction_metrics(totals: ReconstructionTotals) -> Sections:
+    """MSE per pixel on [0, 1], PSNR (dB), MSE / pixel variance; Bernoulli NLL (nats/image) when the data is binary."""
+    section: Sections = {"mse": totals.mse, "psnr": psnr(totals.mse)}
+    if totals.pixel_variance > 0:
+        section["normalized_mse"] = normalized_mse(totals.mse, totals.pixel_variance)
+    if totals.binary:
+        section["bernoulli_nll"] = totals.bernoulli_nll / totals.images
+    return section
+
+
+def finite_only(sections: Sections) -> Sections:
+    """The sections without non-finite numbers (and without sections left empty)."""
+    kept: Sections = {}
+    for key, value in sections.items():
+        if isinstance(value, dict):
+            value = finite_only(value)
+            if value:
+                kept[key] = value
+        elif math.isfinite(value):
+            kept[key] = value
+    return kept
+
+
+def _open_codes(paths: EvaluatePaths, family: str, loaded: LoadedModel, dataset: DatasetFile) -> CodesFile:
+    """The codes file, checked to be this family's, made by these weights from this dataset."""
+    rerun = f"re-run `dvae encode --model {family}`"
+    if not paths.codes.exists():
+        raise UserError(f"codes file {paths.codes} not found; make it with `dvae encode --model {family}`")
+    codes = CodesFile(paths.codes, family)
+    try:
+        if codes.attrs["weights_sha256"] != loaded.weights_sha256:
+            raise UserError(f"{paths.codes} was made by another model than {paths.model_dir} "
+                            f"(weights fingerprints differ); {rerun}")
+        if codes.attrs["dataset_sha256"] != sha256_file(paths.dataset) or len(codes) != dataset.num_images:
+            raise UserError(f"{paths.codes} was made from another dataset than {paths.dataset} "
+                            f"(dataset fingerprints differ); {rerun}")
+    except BaseException:
+        codes.close()
+        raise
+    return codes
+
+
+def evaluate(params: Params, family: str, paths: EvaluatePaths, show_progress: bool = True) -> EvaluateResult:
+    """Compute every metric of `family`'s model on the evaluation split and write them atomically to paths.metrics."""
+    started = time.perf_counter()
+    # The runtime's device and memory format, but fp32 whatever runtime.precision: these are the reported figures.
+    runtime = resolve_runtime(params.runtime)
+    device = runtime.device
+    loaded = load_model(paths.model_dir, family, device)
+    loaded.model = runtime.prepare(loaded.model)
+    with DatasetFile(paths.dataset) as dataset, _open_codes(paths, family, loaded, dataset) as codes:
+        split = dataset.evaluation_split()
+        rows = dataset.indices(split)
+        latent = {name: read_rows(codes.file[name], rows) for name in codes.latent_names}
+        seconds: dict[str, float] = {}
+        with timed(seconds, "reconstruction"):
+            images = dataset.read_images(rows)
+            totals = reconstruction_totals(loaded, latent, images, params.evaluate.batch_size, device, show_progress)
+        run = Evaluation(params=params, loaded=loaded, codes=codes, info=dataset.info, split=split, rows=rows,
+                         arrays=latent, reconstruction=totals, notes=[], seconds=seconds)
+        sections: Sections = {"evaluation": {"split": split, "images": len(rows)},
+                              "reconstruction": reconstruction_metrics(totals),
+                              **get_family(family).metrics(run)}
+    metrics = finite_only(sections)
+    write_json_atomic(paths.metrics, metrics)
+    seconds["total"] = time.perf_counter() - started
+    return EvaluateResult(family=family, metrics=metrics, split_name=SPLIT_NAMES[split], num_images=len(rows),
+                          notes=run.notes, seconds=seconds, path=paths.metrics)

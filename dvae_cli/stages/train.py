@@ -1,0 +1,260 @@
+"""`dvae train`: the training loop every model family shares.
+
+In-memory uint8 data batched by index, Adam, checkpoints that resume bit for bit (`formats.checkpoint.TrainState`),
+DVCLive curves, and DistributedDataParallel under torchrun. Data order and sampling noise are functions of
+(seed, step) drawn for the global batch, so a resumed run and a data-parallel run see exactly what an
+uninterrupted single-process run sees.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import time
+from collections import defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+from torch.nn.parallel import DistributedDataParallel
+
+from dvae_cli import __version__
+from dvae_cli.core.distributed import all_reduce_sum, join_cluster, leave_cluster
+from dvae_cli.core.errors import TrainingDiverged, UserError
+from dvae_cli.core.files import sha256_file
+from dvae_cli.core.progress import progress_bar
+from dvae_cli.core.runtime import Runtime, keep_freed_host_memory, resolve_runtime
+from dvae_cli.families import DataShape, DiscreteVAE, LossOutput, get_family
+from dvae_cli.formats.checkpoint import TrainState, resume, save_checkpoint
+from dvae_cli.formats.dataset import TRAIN, VAL, DatasetFile, pixel_histogram, pixel_variance
+from dvae_cli.formats.model_folder import CHECKPOINT, save_model
+from dvae_cli.params import Params
+
+VAL_IMAGES = 2048
+"""Validation loss is measured on (at most) the first this many val images, at every epoch's end."""
+
+
+@dataclass(frozen=True)
+class TrainPaths:
+    dataset: Path
+    model_dir: Path
+    live_dir: Path
+
+    @property
+    def checkpoint(self) -> Path:
+        return self.model_dir / CHECKPOINT
+
+
+@dataclass
+class TrainResult:
+    model: DiscreteVAE
+    steps: int
+    resumed_from: int
+    metrics: dict[str, float]
+    seconds: float
+
+
+@dataclass(frozen=True)
+class TrainingData:
+    """The train split and the first VAL_IMAGES val images as uint8 [n, C, H, W], placed where the runtime keeps
+    data; what the model needs to know of them; the dataset file's sha256."""
+
+    train: Tensor
+    val: Tensor
+    shape: DataShape
+    sha256: str
+
+
+def load_training_data(path: Path, batch_size: int, family: str, runtime: Runtime) -> TrainingData:
+    with DatasetFile(path) as dataset:
+        train_rows, val_rows = dataset.indices(TRAIN), dataset.indices(VAL)[:VAL_IMAGES]
+        if len(train_rows) < batch_size:
+            raise UserError(f"the train split of {path} has {len(train_rows)} images, fewer than "
+                            f"{family}.batch_size {batch_size}; lower the batch size or prepare more data")
+        train_images = dataset.read_images(train_rows)
+        val_images = dataset.read_images(val_rows)
+        shape = DataShape(dataset.info.channels, dataset.info.image_size, pixel_variance(pixel_histogram(train_images)))
+    return TrainingData(train=runtime.place(torch.from_numpy(train_images)),
+                        val=runtime.place(torch.from_numpy(val_images)), shape=shape, sha256=sha256_file(path))
+
+
+@functools.lru_cache(maxsize=1)
+def epoch_permutation(seed: int, epoch: int, num_rows: int) -> Tensor:
+    generator = torch.Generator().manual_seed(int(np.random.SeedSequence([seed, epoch]).generate_state(1)[0]))
+    return torch.randperm(num_rows, generator=generator)
+
+
+def run_fingerprint(params: Params, family: str, dataset_sha256: str) -> dict[str, Any]:
+    """What must be unchanged for a checkpoint to resume: everything but the number of epochs and the runtime."""
+    model = dataclasses.asdict(params.model_config(family))
+    model.pop("epochs")
+    return {"family": family, "seed": params.seed, "dataset_sha256": dataset_sha256, family: model}
+
+
+@torch.no_grad()
+def validation_loss(model: DiscreteVAE, data: Tensor, step: int, batch_size: int, runtime: Runtime) -> float:
+    if not len(data):
+        return float("nan")
+    model.eval()
+    total, count = 0.0, 0
+    for start in range(0, len(data), batch_size):
+        x = runtime.images(data[start:min(start + batch_size, len(data))])
+        with runtime.autocast():
+            total += model.loss(x, step).loss.float().item() * len(x)
+        count += len(x)
+    model.train()
+    return total / max(count, 1)
+
+
+def add_batch_counts(counts: dict[str, Tensor], output: LossOutput, x: Tensor) -> None:
+    """Add one batch's counts, summed over every rank, to the epoch's `counts` (on the CPU)."""
+    batch = {**output.counts, "squared_error": ((output.reconstruction.detach().float() - x.float()) ** 2).sum(),
+             "pixels": torch.tensor(float(x.numel()), device=x.device)}
+    for name, value in batch.items():
+        counts[name] = counts.get(name, 0) + all_reduce_sum(value.detach().clone()).cpu()
+
+
+def epoch_figures(model: DiscreteVAE, counts: dict[str, Tensor], data: TrainingData, step: int, steps_per_epoch: int,
+                  rank_batch: int, runtime: Runtime) -> dict[str, float]:
+    """What is logged at an epoch's end: the model's epoch logs, train MSE (plain and normalized), validation loss."""
+    figures = {f"epoch/{name}": value for name, value in model.epoch_logs(counts).items()}
+    mse = (counts["squared_error"] / counts["pixels"]).item()
+    figures["epoch/mse"] = mse
+    figures["epoch/normalized_mse"] = mse / data.shape.pixel_variance
+    figures["val/loss"] = validation_loss(model, data.val, step, rank_batch, runtime)
+    figures["epoch/epoch"] = step / steps_per_epoch
+    return figures
+
+
+class Meter:
+    """Running sums of the loss terms between logged points, and the images per second over the interval."""
+
+    def __init__(self, device: torch.device, step: int) -> None:
+        self.sums: dict[str, Tensor] = defaultdict(lambda: torch.zeros((), device=device))
+        self.last_step, self.started = step, time.perf_counter()
+
+    def add(self, output: LossOutput, loss: Tensor) -> None:
+        for name, value in output.terms.items():
+            self.sums[name] += value.detach().float()
+        self.sums["loss"] += loss.detach()
+
+    def flush(self, step: int, batch_size: int, lr: float) -> dict[str, float]:
+        """The interval's mean of each term (as `train/NAME`), the learning rate and images/s; starts a new interval."""
+        count, seconds = step - self.last_step, time.perf_counter() - self.started
+        figures = {f"train/{name}": (value / count).item() for name, value in self.sums.items()}
+        figures["train/lr"] = lr
+        figures["train/images_per_second"] = count * batch_size / max(seconds, 1e-9)
+        self.sums.clear()
+        self.last_step, self.started = step, time.perf_counter()
+        return figures
+
+
+class Logger:
+    """DVCLive on rank 0 (dvc.yaml is declared by hand, so DVCLive must not write one)."""
+
+    def __init__(self, live_dir: Path, resume: bool, enabled: bool) -> None:
+        self.live = None
+        if enabled:
+            from dvclive import Live
+            self.live = Live(str(live_dir), resume=resume, dvcyaml=None, save_dvc_exp=False, report=None)
+
+    def log(self, step: int, values: dict[str, float]) -> None:
+        if self.live is None:
+            return
+        self.live.step = step
+        for name, value in values.items():
+            self.live.log_metric(name, value)
+        self.live.sync()
+
+    def close(self) -> None:
+        if self.live is not None:
+            self.live.end()
+
+
+def train(params: Params, family: str, paths: TrainPaths, restart: bool = False,
+          restart_on_mismatch: bool = False, show_progress: bool = True) -> TrainResult:
+    started = time.perf_counter()
+    config = params.model_config(family)
+    runtime = resolve_runtime(params.runtime)
+    if runtime.device.type == "cpu":
+        keep_freed_host_memory()
+    cluster = join_cluster(runtime.device)
+    if config.batch_size % cluster.world_size:
+        raise UserError(f"{family}.batch_size {config.batch_size} is not divisible by the world size "
+                        f"{cluster.world_size}; choose a batch size that is a multiple of it")
+    batch_size, rank_batch = config.batch_size, config.batch_size // cluster.world_size
+    data = load_training_data(paths.dataset, batch_size, family, runtime)
+
+    torch.manual_seed(params.seed)
+    model = runtime.prepare(get_family(family).model(config, data.shape))
+    optimizer = torch.optim.Adam(model.parameters(), lr=config.lr)
+    scaler = torch.amp.GradScaler(runtime.device.type, enabled=runtime.needs_grad_scaler)
+    state = TrainState(family, run_fingerprint(params, family, data.sha256), model, optimizer, scaler, runtime.device)
+    if paths.checkpoint.exists() and not restart:
+        resume(state, paths.checkpoint, restart_on_mismatch)
+    resumed_from = state.step
+    steps_per_epoch = len(data.train) // batch_size
+    total_steps = min(config.epochs * steps_per_epoch, params.train.max_steps or config.epochs * steps_per_epoch)
+    model.train()
+    model.set_rank_rows(cluster.rank * rank_batch, batch_size)
+    network = DistributedDataParallel(model, broadcast_buffers=False) if cluster.distributed else model
+    if params.runtime.compile:
+        network = torch.compile(network)
+    logger = Logger(paths.live_dir, resume=resumed_from > 0, enabled=cluster.is_main)
+    meter = Meter(runtime.device, state.step)
+
+    try:
+        with progress_bar(f"train {family}", total_steps, extra="{task.fields[info]}",
+                          enabled=show_progress and cluster.is_main) as advance:
+            advance(state.step)
+            while state.step < total_steps:
+                epoch, position = divmod(state.step, steps_per_epoch)
+                permutation = epoch_permutation(params.seed, epoch, len(data.train))
+                rows = permutation[position * batch_size:(position + 1) * batch_size]
+                x = runtime.images(data.train[rows[cluster.rank * rank_batch:(cluster.rank + 1) * rank_batch].to(data.train.device)])
+                with runtime.autocast():
+                    output = network(x, state.step)
+                loss = output.loss.float()
+                if all_reduce_sum((~torch.isfinite(loss.detach())).float()).item() > 0:
+                    if cluster.is_main:
+                        save_checkpoint(paths.checkpoint, state)
+                    raise TrainingDiverged(
+                        f"training diverged: the {family} loss became {loss.item()} at step {state.step}; the last "
+                        f"good state is in {paths.checkpoint}; lower {family}.lr or set runtime.precision: fp32, "
+                        "then rerun to resume (or --restart)")
+                optimizer.zero_grad(set_to_none=True)
+                scaler.scale(loss).backward()
+                scaler.step(optimizer)
+                scaler.update()
+                state.step += 1
+                meter.add(output, loss)
+                add_batch_counts(state.epoch_counts, output, x)
+
+                if state.step % params.train.log_every == 0 or state.step == total_steps:
+                    state.logged = meter.flush(state.step, batch_size, optimizer.param_groups[0]["lr"])
+                    logger.log(state.step, state.logged)
+                    advance(0, info=f"epoch {epoch + 1}/{config.epochs} loss {state.logged['train/loss']:.4g} "
+                                    f"{state.logged['train/images_per_second']:.0f} img/s")
+                if state.step % steps_per_epoch == 0 or state.step == total_steps:
+                    figures = epoch_figures(model, state.epoch_counts, data, state.step, steps_per_epoch, rank_batch,
+                                            runtime)
+                    logger.log(state.step, figures)
+                    state.logged.update(figures)
+                    state.epoch_counts = {}
+                if cluster.is_main and (state.step % params.train.checkpoint_every == 0 or state.step == total_steps):
+                    save_checkpoint(paths.checkpoint, state)
+                advance(1)
+    finally:
+        logger.close()
+        leave_cluster()
+
+    metrics = {name: value for name, value in state.logged.items() if np.isfinite(value)} if cluster.is_main else {}
+    if cluster.is_main:
+        save_model(paths.model_dir, family, model, config, data.shape, {
+            "dataset_sha256": data.sha256, "seed": params.seed, "steps": state.step, "dvae_version": __version__,
+            "final_metrics": metrics})
+    return TrainResult(model=model, steps=state.step, resumed_from=resumed_from, metrics=metrics,
+                       seconds=time.perf_counter() - started)
