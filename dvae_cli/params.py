@@ -71,6 +71,8 @@ class TrainConfig:
     checkpoint_every: int = param(500, help="steps between checkpoints", ge=1)
     log_every: int = param(50, help="steps between logged points", ge=1)
     max_steps: int | None = param(None, help="stop after this many steps (null: train all epochs)", ge=1)
+    eval_every: int | None = param(250, help="steps between evaluations of a validation sample logged as curves "
+                                             "(MIG, FactorVAE, accuracies, reconstruction); null: off", ge=1)
 
 
 @dataclass(frozen=True)

@@ -22,20 +22,19 @@ from dvae_cli.cli import app
 from dvae_cli.core.errors import UserError
 from dvae_cli.core.metrics import DCIResult, factorvae_score, hungarian_accuracy, mutual_information_gap, perplexity
 from dvae_cli.families import DiscreteVAE
-from dvae_cli.families.evaluation import ReconstructionTotals
-from dvae_cli.families.jointvae.metrics import factor_representation, gaussian_nll_per_image
-from dvae_cli.formats.dataset import TEST, DatasetFile
-from dvae_cli.formats.model_folder import LoadedModel, load_model, save_model
-from dvae_cli.params import Params, load_params
-from dvae_cli.stages.encode import EncodePaths, encode_dataset
-from dvae_cli.stages.evaluate import (
+from dvae_cli.families.evaluation import (
     PROBABILITY_FLOOR,
-    EvaluatePaths,
-    evaluate,
+    ReconstructionTotals,
     finite_only,
     reconstruction_metrics,
     reconstruction_totals,
 )
+from dvae_cli.families.jointvae.metrics import factor_representation, gaussian_nll_per_image
+from dvae_cli.formats.dataset import TEST, DatasetFile
+from dvae_cli.formats.model_folder import load_model, save_model
+from dvae_cli.params import Params, load_params
+from dvae_cli.stages.encode import EncodePaths, encode_dataset
+from dvae_cli.stages.evaluate import EvaluatePaths, evaluate
 
 FAMILIES = ("jointvae", "vqvae")
 TEST_IMAGES = 60
@@ -48,8 +47,6 @@ TEST_IMAGES = 60
 class ConstantDecoder(DiscreteVAE):
     """Decodes every latent to 2×2 one-channel images of one value."""
 
-    family = "constant"
-
     def __init__(self, value: float) -> None:
         super().__init__()
         self.value = value
@@ -59,11 +56,9 @@ class ConstantDecoder(DiscreteVAE):
 
 
 def totals_of(value: float, images: np.ndarray) -> ReconstructionTotals:
-    loaded = LoadedModel(model=ConstantDecoder(value), family="constant", config=None,  # type: ignore[arg-type]
-                         data=None, record={}, weights_sha256="")  # type: ignore[arg-type]
     latent = {"codes": np.zeros((len(images), 1, 1), dtype=np.uint16)}
-    return reconstruction_totals(loaded, latent, images, batch_size=2, device=torch.device("cpu"),
-                                 show_progress=False)
+    return reconstruction_totals(ConstantDecoder(value), latent, images, batch_size=2, device=torch.device("cpu"),
+                                 advance=lambda n=1, **fields: None)
 
 
 def test_reconstruction_of_binary_images_by_gray_matches_hand_computation():

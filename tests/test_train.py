@@ -127,6 +127,50 @@ def test_killed_and_resumed_equals_uninterrupted(tmp_path: Path, tiny_dataset: P
     assert weights_bytes(folder / "models" / family) == weights_bytes(uninterrupted)
 
 
+def series(folder: Path, family: str, name: str) -> list[list[str]]:
+    """The rows (step, value) of DVCLive series `name` of a run in `folder`."""
+    rows = (folder / "dvclive" / family / "plots" / "metrics" / f"{name}.tsv").read_text().splitlines()
+    return [row.split("\t") for row in rows[1:]]
+
+
+@pytest.mark.parametrize(("family", "figures"), [
+    ("jointvae", ["eval/factors/mig", "eval/factors/factorvae_score", "eval/labels/discrete_0/hungarian_accuracy"]),
+    ("vqvae", ["eval/reconstruction/normalized_mse", "eval/codes/perplexity"]),
+])
+def test_periodic_evaluation_logs_its_curves_at_its_steps(tmp_path: Path, tiny_dataset: Path, family: str,
+                                                          figures: list[str]) -> None:
+    run_training(tmp_path, tiny_dataset, family, **{"train.eval_every": 12})
+    for figure in figures:
+        rows = series(tmp_path, family, figure)
+        assert [int(step) for step, _ in rows] == [12, 24, 30], figure  # every 12 steps, and the last of the 30
+        assert all(0 <= float(value) for _, value in rows), figure
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_periodic_evaluation_changes_no_training_byte(tmp_path: Path, tiny_dataset: Path, family: str) -> None:
+    without = run_training(tmp_path / "off", tiny_dataset, family, **{"train.eval_every": None})
+    evaluated = run_training(tmp_path / "on", tiny_dataset, family, **{"train.eval_every": 7})
+    assert not (tmp_path / "off" / "dvclive" / family / "plots" / "metrics" / "eval").exists()
+    assert weights_bytes(evaluated) == weights_bytes(without)
+    states = [load_checkpoint(folder / "checkpoint.pt", family) for folder in (without, evaluated)]
+    assert torch.equal(states[0]["rng"]["torch"], states[1]["rng"]["torch"])
+
+
+def test_resume_continues_the_curves_without_repeating_steps(tmp_path: Path, tiny_dataset: Path) -> None:
+    """Rows logged after the last checkpoint of a killed run are logged once, by the resumed run, as uninterrupted."""
+    family = "vqvae"
+    run_training(tmp_path / "whole", tiny_dataset, family, **{"train.eval_every": 10})
+    parts = tmp_path / "parts"
+    run_training(parts, tiny_dataset, family, **{"train.max_steps": 20, "train.eval_every": 10})
+    checkpoint = parts / "models" / family / "checkpoint.pt"
+    at_step_20 = checkpoint.read_bytes()
+    run_training(parts, tiny_dataset, family, **{"train.max_steps": 25, "train.eval_every": 10})
+    checkpoint.write_bytes(at_step_20)  # as if killed after logging step 25, before its checkpoint
+    run_training(parts, tiny_dataset, family, **{"train.eval_every": 10})
+    for name in ("train/loss", "train/recon", "eval/reconstruction/mse"):
+        assert series(parts, family, name) == series(tmp_path / "whole", family, name), name
+
+
 def test_changed_params_refuse_to_resume_until_restart(tmp_path: Path, tiny_dataset: Path) -> None:
     run_training(tmp_path, tiny_dataset, "vqvae", **{"train.max_steps": 5})
     with pytest.raises(UserError, match=r"other settings \(vqvae.num_codes: 16 → 32\).*--restart"):

@@ -7,6 +7,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 
@@ -113,3 +114,11 @@ class Family:
     """`dvae render`'s pictures; `advance()` once per entry of `picture_files`."""
     picture_files: tuple[str, ...]
     """Every file `pictures` can write."""
+
+
+def as_tensor(array: np.ndarray) -> Tensor:
+    """A stored latent array as model input: integers as int64 (what embeddings and cross-entropy take), the rest
+    as float32."""
+    if array.dtype.kind in "iub":
+        return torch.from_numpy(array.astype(np.int64))
+    return torch.from_numpy(array.astype(np.float32, copy=False))

@@ -1,27 +1,44 @@
 """What a family's metrics read (the `Evaluation` of one model on one split) and the sections families share.
 
-`dvae evaluate` builds the `Evaluation`; each family's `metrics` turns it into sections of numbers. Factor metrics
-(MIG, FactorVAE, DCI) and clustering against labels work on any representation, so they live here.
+`dvae evaluate` builds an `Evaluation` over a codes file; the trainer builds one over latents it holds in memory
+(`train.eval_every`), so the curves and metrics/M.json come from the same code. Each family's `metrics` turns it
+into sections of numbers. Reconstruction figures, factor metrics (MIG, FactorVAE, DCI) and clustering against
+labels work on any representation, so they live here.
 """
 
 from __future__ import annotations
 
 import contextlib
+import math
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
+import torch
+import torch.nn.functional as F
 
-from dvae_cli.core.metrics import clustering_scores, dci, factorvae_score, majority_accuracy, mutual_information_gap
-from dvae_cli.formats.dataset import SPLIT_NAMES, DatasetInfo, read_rows
+from dvae_cli.core.metrics import (
+    clustering_scores,
+    dci,
+    factorvae_score,
+    majority_accuracy,
+    mutual_information_gap,
+    normalized_mse,
+    psnr,
+)
+from dvae_cli.core.progress import Advance
+from dvae_cli.families.base import as_tensor
+from dvae_cli.formats.dataset import SPLIT_NAMES, DatasetInfo, pixel_histogram, pixel_variance
 
 if TYPE_CHECKING:
-    from dvae_cli.formats.codes import CodesFile
-    from dvae_cli.formats.model_folder import LoadedModel
-    from dvae_cli.params import Params
+    from dvae_cli.families.base import DiscreteVAE
+    from dvae_cli.params import EvaluateConfig
+
+PROBABILITY_FLOOR = 1e-6
+"""Decoder probabilities are clamped to [floor, 1 − floor] before the Bernoulli log-likelihood."""
 
 DCI_MAX_POINTS = 2000
 """DCI fits gradient-boosted trees per factor and class (about a minute on 2,000 dSprites points on 2 CPU cores),
@@ -50,32 +67,53 @@ class ReconstructionTotals:
         return self.squared_error / (self.images * self.pixels_per_image)
 
 
+class RowArrays(Protocol):
+    """Per-row arrays by name (latents, labels, factors) and every row's split: a codes file, or `ArraysInMemory`."""
+
+    split: np.ndarray
+
+    def read_at(self, name: str, rows: np.ndarray) -> np.ndarray | None:
+        """Array `name` at sorted `rows`; None when there is no such array."""
+
+
+@dataclass(frozen=True)
+class ArraysInMemory:
+    split: np.ndarray
+    arrays: dict[str, np.ndarray]
+
+    def read_at(self, name: str, rows: np.ndarray) -> np.ndarray | None:
+        return self.arrays[name][rows] if name in self.arrays else None
+
+
 @dataclass
 class Evaluation:
     """What the per-family metrics read, and where they leave notes and timings."""
 
-    params: Params
-    loaded: LoadedModel
-    codes: CodesFile
+    config: Any
+    """The model's config (its family's params section)."""
+    seed: int
+    settings: EvaluateConfig
+    source: RowArrays
     info: DatasetInfo
     split: int
     rows: np.ndarray
-    """Sorted dataset rows of the evaluation split."""
+    """Sorted rows of `source` in the evaluation split."""
     arrays: dict[str, np.ndarray]
-    """Codes-file arrays already read at `rows`, by name."""
+    """Arrays already read at `rows`, by name."""
     reconstruction: ReconstructionTotals
     notes: list[str]
     seconds: dict[str, float]
 
     def read(self, name: str, rows: np.ndarray | None = None) -> np.ndarray | None:
-        """Codes-file array `name` at sorted `rows` (default: the evaluation split); None when the file lacks it."""
-        if name not in self.codes.file:
-            return None
-        if rows is None:
-            if name not in self.arrays:
-                self.arrays[name] = read_rows(self.codes.file[name], self.rows)
-            return self.arrays[name]
-        return read_rows(self.codes.file[name], rows)
+        """Array `name` at sorted `rows` (default: the evaluation split); None when the source lacks it."""
+        if rows is not None:
+            return self.source.read_at(name, rows)
+        if name not in self.arrays:
+            found = self.source.read_at(name, self.rows)
+            if found is None:
+                return None
+            self.arrays[name] = found
+        return self.arrays[name]
 
     def timed(self, name: str) -> contextlib.AbstractContextManager[None]:
         return timed(self.seconds, name)
@@ -100,8 +138,8 @@ def factor_metrics(run: Evaluation, representation: np.ndarray, factor_classes: 
     Returns the "factors" and "sample" sections; factors constant over the split, or a representation too small
     for a metric, leave that metric out with a note.
     """
-    settings = run.params.evaluate
-    sample_rng, factorvae_rng, dci_rng = seeded_generators(run.params.seed, 3)
+    settings = run.settings
+    sample_rng, factorvae_rng, dci_rng = seeded_generators(run.seed, 3)
     available = len(representation)
     size = min(settings.num_samples, available)
     if size < available:
@@ -110,7 +148,7 @@ def factor_metrics(run: Evaluation, representation: np.ndarray, factor_classes: 
     elif settings.num_samples > available:
         run.notes.append(f"evaluate.num_samples is {settings.num_samples} but the {SPLIT_NAMES[run.split]} "
                          f"split has {available} images; the factor metrics use all {available}")
-    sample = {"seed": run.params.seed, "size": size, "requested": settings.num_samples}
+    sample = {"seed": run.seed, "size": size, "requested": settings.num_samples}
     if size < 2 or not (factor_classes != factor_classes[:1]).any():
         run.notes.append("factor metrics skipped: every ground-truth factor is constant in the sample")
         return {"sample": sample}
@@ -150,3 +188,57 @@ def cluster_section(assigned: np.ndarray, labels: np.ndarray, num_categories: in
         section["majority_accuracy"] = majority_accuracy(assigned, labels)
     section.update(nmi=scores.nmi, ari=scores.ari)
     return section
+
+
+@torch.inference_mode()
+def reconstruction_totals(model: DiscreteVAE, latent: dict[str, np.ndarray], images: np.ndarray,
+                          batch_size: int, device: torch.device, advance: Advance) -> ReconstructionTotals:
+    """Decode `latent` (codes-file arrays of the evaluation rows) batch by batch and sum the errors against `images`."""
+    counts = pixel_histogram(images)
+    squared_error = torch.zeros((), dtype=torch.float64, device=device)
+    bernoulli_nll = torch.zeros((), dtype=torch.float64, device=device)
+    for start in range(0, len(images), batch_size):
+        stop = min(start + batch_size, len(images))
+        x = torch.from_numpy(images[start:stop]).to(device).float().div_(255)
+        decoded = model.decode({name: as_tensor(array[start:stop]).to(device) for name, array in latent.items()}).float()
+        squared_error += (decoded - x).pow(2).sum(dtype=torch.float64)
+        probabilities = decoded.clamp(PROBABILITY_FLOOR, 1.0 - PROBABILITY_FLOOR)
+        bernoulli_nll += F.binary_cross_entropy(probabilities, x, reduction="sum").double()
+        advance(stop - start)
+    return ReconstructionTotals(
+        images=len(images),
+        pixels_per_image=int(np.prod(images.shape[1:])),
+        squared_error=squared_error.item(),
+        bernoulli_nll=bernoulli_nll.item(),
+        pixel_variance=pixel_variance(counts),
+        binary=not counts[1:255].any(),
+    )
+
+
+def reconstruction_metrics(totals: ReconstructionTotals) -> Sections:
+    """MSE per pixel on [0, 1], PSNR (dB), MSE / pixel variance; Bernoulli NLL (nats/image) when the data is binary."""
+    section: Sections = {"mse": totals.mse, "psnr": psnr(totals.mse)}
+    if totals.pixel_variance > 0:
+        section["normalized_mse"] = normalized_mse(totals.mse, totals.pixel_variance)
+    if totals.binary:
+        section["bernoulli_nll"] = totals.bernoulli_nll / totals.images
+    return section
+
+
+def finite_only(sections: Sections) -> Sections:
+    """The sections without non-finite numbers (and without sections left empty)."""
+    kept: Sections = {}
+    for key, value in sections.items():
+        if isinstance(value, dict):
+            value = finite_only(value)
+            if value:
+                kept[key] = value
+        elif math.isfinite(value):
+            kept[key] = value
+    return kept
+
+
+def evaluation_sections(run: Evaluation, family_metrics: Callable[[Evaluation], Sections]) -> Sections:
+    """Everything metrics/M.json holds: the split, reconstruction figures, the family's sections; finite numbers only."""
+    return finite_only({"evaluation": {"split": run.split, "images": len(run.rows)},
+                        "reconstruction": reconstruction_metrics(run.reconstruction), **family_metrics(run)})

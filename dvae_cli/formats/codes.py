@@ -26,6 +26,7 @@ from torch import Tensor
 from dvae_cli import __version__
 from dvae_cli.core.errors import UserError
 from dvae_cli.families import FAMILIES, DiscreteVAE
+from dvae_cli.families.base import as_tensor
 from dvae_cli.formats.dataset import (
     COMPRESSION,
     COMPRESSION_LEVEL,
@@ -34,6 +35,7 @@ from dvae_cli.formats.dataset import (
     DatasetFile,
     DatasetInfo,
     open_hdf5,
+    read_rows,
 )
 
 FORMAT = "dvae-codes"
@@ -237,13 +239,6 @@ def _plain(value: Any) -> Any:
     return value
 
 
-def as_tensor(array: np.ndarray) -> Tensor:
-    """Integer arrays as int64 (what embeddings and cross-entropy take), the rest as float32."""
-    if array.dtype.kind in "iub":
-        return torch.from_numpy(array.astype(np.int64))
-    return torch.from_numpy(array.astype(np.float32, copy=False))
-
-
 class CodesFile:
     """A validated, open codes file: attributes, and its arrays read lazily as torch tensors.
 
@@ -311,6 +306,10 @@ class CodesFile:
     def read_rows(self, start: int, stop: int, names: Sequence[str] | None = None) -> dict[str, np.ndarray]:
         """Rows [start, stop) of the named arrays (default: `row_names()`), as stored."""
         return {name: self.file[name][start:stop] for name in (names or self.row_names())}
+
+    def read_at(self, name: str, rows: np.ndarray) -> np.ndarray | None:
+        """Array `name` at sorted `rows`, as stored; None when the file has no such array."""
+        return read_rows(self.file[name], rows) if name in self.file else None
 
     def batches(self, split: str | None = "train", batch_size: int = 1024,
                 names: Sequence[str] | None = None) -> Iterator[dict[str, Tensor]]:

@@ -18,7 +18,8 @@ from dvae_cli.core.images import save_png, square_grid, to_uint8
 from dvae_cli.core.progress import Advance, progress_bar
 from dvae_cli.core.runtime import Runtime, resolve_runtime
 from dvae_cli.families import DiscreteVAE
-from dvae_cli.formats.codes import CodesFile, as_tensor
+from dvae_cli.families.base import as_tensor
+from dvae_cli.formats.codes import CodesFile
 from dvae_cli.formats.dataset import DatasetChunk, DatasetWriter
 from dvae_cli.formats.model_folder import WEIGHTS, LoadedModel, load_model
 from dvae_cli.params import Params

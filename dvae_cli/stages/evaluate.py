@@ -13,29 +13,20 @@ Sections: `evaluation` (split: 2 test, 1 val; images), `reconstruction`, then th
 
 from __future__ import annotations
 
-import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
-import torch
-import torch.nn.functional as F
-
 from dvae_cli.core.errors import UserError
 from dvae_cli.core.files import sha256_file, write_json_atomic
-from dvae_cli.core.metrics import normalized_mse, psnr
 from dvae_cli.core.progress import progress_bar
 from dvae_cli.core.runtime import resolve_runtime
 from dvae_cli.families import get_family
-from dvae_cli.families.evaluation import Evaluation, ReconstructionTotals, Sections, timed
-from dvae_cli.formats.codes import CodesFile, as_tensor
-from dvae_cli.formats.dataset import SPLIT_NAMES, DatasetFile, pixel_histogram, pixel_variance, read_rows
+from dvae_cli.families.evaluation import Evaluation, Sections, evaluation_sections, reconstruction_totals, timed
+from dvae_cli.formats.codes import CodesFile
+from dvae_cli.formats.dataset import SPLIT_NAMES, DatasetFile, read_rows
 from dvae_cli.formats.model_folder import LoadedModel, load_model
 from dvae_cli.params import Params
-
-PROBABILITY_FLOOR = 1e-6
-"""Decoder probabilities are clamped to [floor, 1 − floor] before the Bernoulli log-likelihood."""
 
 
 @dataclass(frozen=True)
@@ -58,56 +49,6 @@ class EvaluateResult:
     seconds: dict[str, float]
     """Wall time of each group of metrics, in the order computed."""
     path: Path
-
-
-@torch.inference_mode()
-def reconstruction_totals(loaded: LoadedModel, latent: dict[str, np.ndarray], images: np.ndarray,
-                          batch_size: int, device: torch.device, show_progress: bool) -> ReconstructionTotals:
-    """Decode `latent` (codes-file arrays of the evaluation rows) batch by batch and sum the errors against `images`."""
-    counts = pixel_histogram(images)
-    squared_error = torch.zeros((), dtype=torch.float64, device=device)
-    bernoulli_nll = torch.zeros((), dtype=torch.float64, device=device)
-    with progress_bar(f"evaluate {loaded.family}", len(images), enabled=show_progress) as advance:
-        for start in range(0, len(images), batch_size):
-            stop = min(start + batch_size, len(images))
-            x = torch.from_numpy(images[start:stop]).to(device).float().div_(255)
-            decoded = loaded.model.decode({name: as_tensor(array[start:stop]).to(device)
-                                           for name, array in latent.items()}).float()
-            squared_error += (decoded - x).pow(2).sum(dtype=torch.float64)
-            probabilities = decoded.clamp(PROBABILITY_FLOOR, 1.0 - PROBABILITY_FLOOR)
-            bernoulli_nll += F.binary_cross_entropy(probabilities, x, reduction="sum").double()
-            advance(stop - start)
-    return ReconstructionTotals(
-        images=len(images),
-        pixels_per_image=int(np.prod(images.shape[1:])),
-        squared_error=squared_error.item(),
-        bernoulli_nll=bernoulli_nll.item(),
-        pixel_variance=pixel_variance(counts),
-        binary=not counts[1:255].any(),
-    )
-
-
-def reconstruction_metrics(totals: ReconstructionTotals) -> Sections:
-    """MSE per pixel on [0, 1], PSNR (dB), MSE / pixel variance; Bernoulli NLL (nats/image) when the data is binary."""
-    section: Sections = {"mse": totals.mse, "psnr": psnr(totals.mse)}
-    if totals.pixel_variance > 0:
-        section["normalized_mse"] = normalized_mse(totals.mse, totals.pixel_variance)
-    if totals.binary:
-        section["bernoulli_nll"] = totals.bernoulli_nll / totals.images
-    return section
-
-
-def finite_only(sections: Sections) -> Sections:
-    """The sections without non-finite numbers (and without sections left empty)."""
-    kept: Sections = {}
-    for key, value in sections.items():
-        if isinstance(value, dict):
-            value = finite_only(value)
-            if value:
-                kept[key] = value
-        elif math.isfinite(value):
-            kept[key] = value
-    return kept
 
 
 def _open_codes(paths: EvaluatePaths, family: str, loaded: LoadedModel, dataset: DatasetFile) -> CodesFile:
@@ -142,15 +83,14 @@ def evaluate(params: Params, family: str, paths: EvaluatePaths, show_progress: b
         rows = dataset.indices(split)
         latent = {name: read_rows(codes.file[name], rows) for name in codes.latent_names}
         seconds: dict[str, float] = {}
-        with timed(seconds, "reconstruction"):
+        with timed(seconds, "reconstruction"), \
+                progress_bar(f"evaluate {family}", len(rows), enabled=show_progress) as advance:
             images = dataset.read_images(rows)
-            totals = reconstruction_totals(loaded, latent, images, params.evaluate.batch_size, device, show_progress)
-        run = Evaluation(params=params, loaded=loaded, codes=codes, info=dataset.info, split=split, rows=rows,
-                         arrays=latent, reconstruction=totals, notes=[], seconds=seconds)
-        sections: Sections = {"evaluation": {"split": split, "images": len(rows)},
-                              "reconstruction": reconstruction_metrics(totals),
-                              **get_family(family).metrics(run)}
-    metrics = finite_only(sections)
+            totals = reconstruction_totals(loaded.model, latent, images, params.evaluate.batch_size, device, advance)
+        run = Evaluation(config=loaded.config, seed=params.seed, settings=params.evaluate, source=codes,
+                         info=dataset.info, split=split, rows=rows, arrays=latent, reconstruction=totals, notes=[],
+                         seconds=seconds)
+        metrics = evaluation_sections(run, get_family(family).metrics)
     write_json_atomic(paths.metrics, metrics)
     seconds["total"] = time.perf_counter() - started
     return EvaluateResult(family=family, metrics=metrics, split_name=SPLIT_NAMES[split], num_images=len(rows),

@@ -3,7 +3,9 @@
 In-memory uint8 data batched by index, Adam, checkpoints that resume bit for bit (`formats.checkpoint.TrainState`),
 DVCLive curves, and DistributedDataParallel under torchrun. Data order and sampling noise are functions of
 (seed, step) drawn for the global batch, so a resumed run and a data-parallel run see exactly what an
-uninterrupted single-process run sees.
+uninterrupted single-process run sees. Every `train.eval_every` steps a fixed sample of the validation split is
+scored with `dvae evaluate`'s code (MIG, FactorVAE score, accuracies, reconstruction) and logged as `eval/...`
+curves; the scoring draws nothing from torch's generator, so it changes no training byte.
 """
 
 from __future__ import annotations
@@ -28,13 +30,23 @@ from dvae_cli.core.files import sha256_file
 from dvae_cli.core.progress import progress_bar
 from dvae_cli.core.runtime import Runtime, keep_freed_host_memory, resolve_runtime
 from dvae_cli.families import DataShape, DiscreteVAE, LossOutput, get_family
+from dvae_cli.families.evaluation import (
+    ArraysInMemory,
+    Evaluation,
+    Sections,
+    evaluation_sections,
+    reconstruction_totals,
+)
 from dvae_cli.formats.checkpoint import TrainState, resume, save_checkpoint
-from dvae_cli.formats.dataset import TRAIN, VAL, DatasetFile, pixel_histogram, pixel_variance
+from dvae_cli.formats.dataset import ROW_ARRAYS, TRAIN, VAL, DatasetFile, DatasetInfo, pixel_histogram, pixel_variance
 from dvae_cli.formats.model_folder import CHECKPOINT, save_model
 from dvae_cli.params import Params
 
 VAL_IMAGES = 2048
 """Validation loss is measured on (at most) the first this many val images, at every epoch's end."""
+EVAL_IMAGES = 2000
+"""Validation images in the fixed seeded sample scored every train.eval_every steps."""
+EVAL_BATCH = 500
 
 
 @dataclass(frozen=True)
@@ -58,17 +70,40 @@ class TrainResult:
 
 
 @dataclass(frozen=True)
+class EvalSample:
+    """A fixed seeded sample of the validation split: its images (uint8 [n, C, H, W]) and per-row arrays."""
+
+    images: np.ndarray
+    rows: dict[str, np.ndarray]
+    """labels, factors, factor_classes of the sample, where the dataset has them."""
+    info: DatasetInfo
+
+
+@dataclass(frozen=True)
 class TrainingData:
     """The train split and the first VAL_IMAGES val images as uint8 [n, C, H, W], placed where the runtime keeps
-    data; what the model needs to know of them; the dataset file's sha256."""
+    data; what the model needs to know of them; the dataset file's sha256; the sample scored during training."""
 
     train: Tensor
     val: Tensor
     shape: DataShape
     sha256: str
+    eval_sample: EvalSample | None
 
 
-def load_training_data(path: Path, batch_size: int, family: str, runtime: Runtime) -> TrainingData:
+def read_eval_sample(dataset: DatasetFile, seed: int) -> EvalSample | None:
+    val_rows = dataset.indices(VAL)
+    if not len(val_rows):
+        return None
+    rows = np.sort(np.random.default_rng((seed, 1)).choice(val_rows, size=min(EVAL_IMAGES, len(val_rows)),
+                                                            replace=False))
+    arrays = {name: getattr(dataset, name)[rows] for name in ROW_ARRAYS if getattr(dataset, name) is not None}
+    return EvalSample(images=dataset.read_images(rows), rows=arrays, info=dataset.info)
+
+
+def load_training_data(path: Path, batch_size: int, family: str, runtime: Runtime, eval_seed: int | None
+                       ) -> TrainingData:
+    """The training data; with `eval_seed`, the validation sample scored during training too."""
     with DatasetFile(path) as dataset:
         train_rows, val_rows = dataset.indices(TRAIN), dataset.indices(VAL)[:VAL_IMAGES]
         if len(train_rows) < batch_size:
@@ -77,8 +112,10 @@ def load_training_data(path: Path, batch_size: int, family: str, runtime: Runtim
         train_images = dataset.read_images(train_rows)
         val_images = dataset.read_images(val_rows)
         shape = DataShape(dataset.info.channels, dataset.info.image_size, pixel_variance(pixel_histogram(train_images)))
+        eval_sample = None if eval_seed is None else read_eval_sample(dataset, eval_seed)
     return TrainingData(train=runtime.place(torch.from_numpy(train_images)),
-                        val=runtime.place(torch.from_numpy(val_images)), shape=shape, sha256=sha256_file(path))
+                        val=runtime.place(torch.from_numpy(val_images)), shape=shape, sha256=sha256_file(path),
+                        eval_sample=eval_sample)
 
 
 @functools.lru_cache(maxsize=1)
@@ -129,6 +166,41 @@ def epoch_figures(model: DiscreteVAE, counts: dict[str, Tensor], data: TrainingD
     return figures
 
 
+def flat_figures(sections: Sections, prefix: str) -> dict[str, float]:
+    """Nested sections as flat `prefix/section/.../name` figures."""
+    figures: dict[str, float] = {}
+    for name, value in sections.items():
+        if isinstance(value, dict):
+            figures.update(flat_figures(value, f"{prefix}/{name}"))
+        else:
+            figures[f"{prefix}/{name}"] = float(value)
+    return figures
+
+
+@torch.no_grad()
+def score_sample(model: DiscreteVAE, family: str, config: Any, sample: EvalSample, params: Params,
+                 runtime: Runtime) -> dict[str, float]:
+    """`dvae evaluate`'s sections (without DCI) for the model's evaluation-mode latents of the sample, as `eval/...`
+    figures. fp32, and no draw from torch's generator: training goes on exactly as without it."""
+    model.eval()
+    parts = [model.encode(runtime.images(torch.from_numpy(sample.images[start:start + EVAL_BATCH])))
+             for start in range(0, len(sample.images), EVAL_BATCH)]
+    latent = {}
+    for name in parts[0]:
+        values = torch.cat([part[name] for part in parts]).cpu()
+        latent[name] = (values.float() if values.is_floating_point() else values).numpy()
+    totals = reconstruction_totals(model, latent, sample.images, EVAL_BATCH, runtime.device,
+                                   advance=lambda n=1, **fields: None)
+    rows = np.arange(len(sample.images))
+    run = Evaluation(config=config, seed=params.seed, settings=dataclasses.replace(params.evaluate, dci=False),
+                     source=ArraysInMemory(np.full(len(rows), VAL), {**latent, **sample.rows}), info=sample.info,
+                     split=VAL, rows=rows, arrays=dict(latent), reconstruction=totals, notes=[], seconds={})
+    sections = evaluation_sections(run, get_family(family).metrics)
+    model.train()
+    return flat_figures({name: section for name, section in sections.items() if name not in ("evaluation", "sample")},
+                        "eval")
+
+
 class Meter:
     """Running sums of the loss terms between logged points, and the images per second over the interval."""
 
@@ -152,14 +224,27 @@ class Meter:
         return figures
 
 
+def drop_rows_after(plots: Path, step: int) -> None:
+    """Remove the rows logged after `step` from every DVCLive series under `plots` (a run killed after its last
+    checkpoint logged them, and the resumed run logs those steps again)."""
+    for series in plots.rglob("*.tsv"):
+        header, *rows = series.read_text().splitlines(keepends=True)
+        column = header.rstrip("\n").split("\t").index("step")
+        kept = [row for row in rows if int(row.split("\t")[column]) <= step]
+        if len(kept) < len(rows):
+            series.write_text(header + "".join(kept))
+
+
 class Logger:
     """DVCLive on rank 0 (dvc.yaml is declared by hand, so DVCLive must not write one)."""
 
-    def __init__(self, live_dir: Path, resume: bool, enabled: bool) -> None:
+    def __init__(self, live_dir: Path, resumed_from: int, enabled: bool) -> None:
         self.live = None
         if enabled:
             from dvclive import Live
-            self.live = Live(str(live_dir), resume=resume, dvcyaml=None, save_dvc_exp=False, report=None)
+            if resumed_from:
+                drop_rows_after(live_dir / "plots" / "metrics", resumed_from)
+            self.live = Live(str(live_dir), resume=resumed_from > 0, dvcyaml=None, save_dvc_exp=False, report=None)
 
     def log(self, step: int, values: dict[str, float]) -> None:
         if self.live is None:
@@ -186,7 +271,8 @@ def train(params: Params, family: str, paths: TrainPaths, restart: bool = False,
         raise UserError(f"{family}.batch_size {config.batch_size} is not divisible by the world size "
                         f"{cluster.world_size}; choose a batch size that is a multiple of it")
     batch_size, rank_batch = config.batch_size, config.batch_size // cluster.world_size
-    data = load_training_data(paths.dataset, batch_size, family, runtime)
+    eval_every = params.train.eval_every if cluster.is_main else None
+    data = load_training_data(paths.dataset, batch_size, family, runtime, params.seed if eval_every else None)
 
     torch.manual_seed(params.seed)
     model = runtime.prepare(get_family(family).model(config, data.shape))
@@ -203,7 +289,7 @@ def train(params: Params, family: str, paths: TrainPaths, restart: bool = False,
     network = DistributedDataParallel(model, broadcast_buffers=False) if cluster.distributed else model
     if params.runtime.compile:
         network = torch.compile(network)
-    logger = Logger(paths.live_dir, resume=resumed_from > 0, enabled=cluster.is_main)
+    logger = Logger(paths.live_dir, resumed_from, enabled=cluster.is_main)
     meter = Meter(runtime.device, state.step)
 
     try:
@@ -244,6 +330,8 @@ def train(params: Params, family: str, paths: TrainPaths, restart: bool = False,
                     logger.log(state.step, figures)
                     state.logged.update(figures)
                     state.epoch_counts = {}
+                if data.eval_sample and (state.step % eval_every == 0 or state.step == total_steps):
+                    logger.log(state.step, score_sample(model, family, config, data.eval_sample, params, runtime))
                 if cluster.is_main and (state.step % params.train.checkpoint_every == 0 or state.step == total_steps):
                     save_checkpoint(paths.checkpoint, state)
                 advance(1)

@@ -31,7 +31,7 @@ def jointvae_metrics(run: Evaluation) -> Sections:
     reconstruction), under the model's likelihood: Bernoulli NLL of the clamped decoder probabilities, or
     `gaussian_nll_per_image`; KL_z + KL_c are exact. Nats per image; bits per dimension = nats / (C·H·W·ln 2).
     """
-    config: JointVAEConfig = run.loaded.config
+    config: JointVAEConfig = run.config
     totals = run.reconstruction
     mean, logvar = run.read("continuous_mean"), run.read("continuous_logvar")
     probs, discrete = run.read("discrete_probs"), run.read("discrete")

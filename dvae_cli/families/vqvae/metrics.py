@@ -17,7 +17,7 @@ PROBE_MAX_TRAIN_ROWS = 10000
 
 def vqvae_metrics(run: Evaluation) -> Sections:
     """Code usage over the split, bits per code map under a uniform prior, and a bag-of-codes linear probe."""
-    config: VQVAEConfig = run.loaded.config
+    config: VQVAEConfig = run.config
     codes = run.read("codes")
     assert codes is not None
     with run.timed("code usage"):
@@ -36,8 +36,8 @@ def vqvae_metrics(run: Evaluation) -> Sections:
 
 def _linear_probe(run: Evaluation, codes: np.ndarray, labels: np.ndarray, num_codes: int) -> Sections:
     """Logistic regression on bag-of-codes histograms: fit on sampled train-split rows, scored on the split."""
-    train_rows = np.flatnonzero(run.codes.split == TRAIN)
-    rng = seeded_generators(run.params.seed, 1)[0]
+    train_rows = np.flatnonzero(run.source.split == TRAIN)
+    rng = seeded_generators(run.seed, 1)[0]
     if len(train_rows) > PROBE_MAX_TRAIN_ROWS:
         train_rows = np.sort(rng.choice(train_rows, size=PROBE_MAX_TRAIN_ROWS, replace=False))
     train_labels = run.read("labels", train_rows)
@@ -47,5 +47,5 @@ def _linear_probe(run: Evaluation, codes: np.ndarray, labels: np.ndarray, num_co
         run.notes.append("linear probe skipped: the train split has fewer than 2 classes")
         return {}
     accuracy = linear_probe_accuracy(bag_of_codes(train_codes, num_codes), train_labels,
-                                     bag_of_codes(codes, num_codes), labels, seed=run.params.seed)
+                                     bag_of_codes(codes, num_codes), labels, seed=run.seed)
     return {"linear_probe_accuracy": accuracy, "probe_train_images": len(train_rows)}
