@@ -44,7 +44,7 @@ from dvae_cli.params import Params
 
 VAL_IMAGES = 2048
 """Validation loss is measured on (at most) the first this many val images, at every epoch's end."""
-EVAL_IMAGES = 2000
+EVAL_IMAGES = 1000
 """Validation images in the fixed seeded sample scored every train.eval_every steps."""
 EVAL_BATCH = 500
 
