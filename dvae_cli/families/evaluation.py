@@ -200,7 +200,8 @@ def reconstruction_totals(model: DiscreteVAE, latent: dict[str, np.ndarray], ima
     for start in range(0, len(images), batch_size):
         stop = min(start + batch_size, len(images))
         x = torch.from_numpy(images[start:stop]).to(device).float().div_(255)
-        decoded = model.decode({name: as_tensor(array[start:stop]).to(device) for name, array in latent.items()}).float()
+        batch = {name: as_tensor(array[start:stop]).to(device) for name, array in latent.items()}
+        decoded = model.decode(batch).float()
         squared_error += (decoded - x).pow(2).sum(dtype=torch.float64)
         probabilities = decoded.clamp(PROBABILITY_FLOOR, 1.0 - PROBABILITY_FLOOR)
         bernoulli_nll += F.binary_cross_entropy(probabilities, x, reduction="sum").double()
@@ -239,6 +240,6 @@ def finite_only(sections: Sections) -> Sections:
 
 
 def evaluation_sections(run: Evaluation, family_metrics: Callable[[Evaluation], Sections]) -> Sections:
-    """Everything metrics/M.json holds: the split, reconstruction figures, the family's sections; finite numbers only."""
+    """What metrics/M.json holds: the split, reconstruction figures, the family's sections; finite numbers only."""
     return finite_only({"evaluation": {"split": run.split, "images": len(run.rows)},
                         "reconstruction": reconstruction_metrics(run.reconstruction), **family_metrics(run)})

@@ -1,4 +1,4 @@
-"""`checkpoint.pt`: the resumable training state (`TrainState`), saved atomically, loaded only with weights_only=True."""
+"""`checkpoint.pt`: the resumable training state (`TrainState`), saved atomically, loaded with weights_only=True."""
 
 from __future__ import annotations
 

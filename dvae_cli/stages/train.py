@@ -300,7 +300,8 @@ def train(params: Params, family: str, paths: TrainPaths, restart: bool = False,
                 epoch, position = divmod(state.step, steps_per_epoch)
                 permutation = epoch_permutation(params.seed, epoch, len(data.train))
                 rows = permutation[position * batch_size:(position + 1) * batch_size]
-                x = runtime.images(data.train[rows[cluster.rank * rank_batch:(cluster.rank + 1) * rank_batch].to(data.train.device)])
+                rank_rows = rows[cluster.rank * rank_batch:(cluster.rank + 1) * rank_batch]
+                x = runtime.images(data.train[rank_rows.to(data.train.device)])
                 with runtime.autocast():
                     output = network(x, state.step)
                 loss = output.loss.float()
