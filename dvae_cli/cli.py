@@ -24,7 +24,7 @@ from dvae_cli.core.progress import console
 from dvae_cli.families import FAMILIES, get_family
 from dvae_cli.params import Params, load_params, parse_set_options, parse_value
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+app = typer.Typer(add_completion=True, no_args_is_help=True, pretty_exceptions_enable=False,
                   rich_markup_mode=None,
                   help="dvae: discrete representations of image datasets (JointVAE, VQ-VAE) as a DVC pipeline.")
 

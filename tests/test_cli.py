@@ -106,6 +106,19 @@ def test_console_script_version_and_help(tmp_path):
         assert option in help_text.stdout
 
 
+
+def test_shell_completion_completes_commands_and_options(tmp_path):
+    def complete(words: str) -> list[str]:
+        env = {**os.environ, "_DVAE_COMPLETE": "complete_bash", "COMP_WORDS": words,
+               "COMP_CWORD": str(len(words.split()) - 1)}
+        result = subprocess.run(["dvae"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60)
+        assert result.returncode == 0
+        return result.stdout.split()
+
+    assert complete("dvae tr") == ["train"]
+    assert "--preset" in complete("dvae train --pre")
+
+
 # The happy path and precedence (in-process: no second torch import)
 
 def invoke(*args: str, env: dict[str, str] | None = None):
