@@ -261,6 +261,7 @@ def evaluate_command(
     set_: SetOption = None,
 ) -> None:
     """Compute the metrics of a trained model on the test split (val when there is none) into metrics/MODEL.json."""
+    from dvae_cli.families.evaluation import flatten
     from dvae_cli.stages.evaluate import EvaluatePaths, evaluate
 
     family = check_family(model)
@@ -277,14 +278,8 @@ def evaluate_command(
     table.add_column("metric")
     table.add_column("value", justify="right")
 
-    def add_rows(section: dict[str, Any], prefix: str) -> None:
-        for name, value in section.items():
-            if isinstance(value, dict):
-                add_rows(value, f"{prefix}{name}.")
-            else:
-                table.add_row(f"{prefix}{name}", str(value) if isinstance(value, int) else f"{value:.5g}")
-
-    add_rows(result.metrics, "")
+    for name, value in flatten(result.metrics, ".").items():
+        table.add_row(name, str(value) if isinstance(value, int) else f"{value:.5g}")
     console().print(table)
 
 

@@ -18,26 +18,14 @@ from torchvision.utils import make_grid
 
 MIN_TILE = 64
 """Tiles are upscaled by the smallest integer factor that makes them at least this many pixels wide."""
-
-
 GRID_PADDING = 2
 """Pixels between tiles and around the grid (make_grid's padding)."""
-
-
 LABEL_WIDTH = 104
 """Width of the left margin that holds row labels."""
-
-
 FONT_SIZE = 12
-
-
 BACKGROUND = 1.0
 """Padding, margins and empty cells are white; text is black."""
-
-
 TEXT_COLOR = (0, 0, 0)
-
-
 PNG_COMPRESS_LEVEL = 6
 
 

@@ -122,3 +122,8 @@ def as_tensor(array: np.ndarray) -> Tensor:
     if array.dtype.kind in "iub":
         return torch.from_numpy(array.astype(np.int64))
     return torch.from_numpy(array.astype(np.float32, copy=False))
+
+
+def float32_if_floating(tensor: Tensor) -> Tensor:
+    """A latent tensor in its stored form: floating point as float32, integers as they are."""
+    return tensor.float() if tensor.is_floating_point() else tensor

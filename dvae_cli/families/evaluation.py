@@ -39,7 +39,6 @@ if TYPE_CHECKING:
 
 PROBABILITY_FLOOR = 1e-6
 """Decoder probabilities are clamped to [floor, 1 − floor] before the Bernoulli log-likelihood."""
-
 DCI_MAX_POINTS = 2000
 """DCI fits gradient-boosted trees per factor and class (about a minute on 2,000 dSprites points on 2 CPU cores),
 so it uses a subsample of the factor sample."""
@@ -237,6 +236,17 @@ def finite_only(sections: Sections) -> Sections:
         elif math.isfinite(value):
             kept[key] = value
     return kept
+
+
+def flatten(sections: Sections, separator: str) -> dict[str, Any]:
+    """Nested sections as one level: {"factors": {"mig": m}} → {"factors<separator>mig": m}."""
+    flat: dict[str, Any] = {}
+    for name, value in sections.items():
+        if isinstance(value, dict):
+            flat.update({f"{name}{separator}{inner}": v for inner, v in flatten(value, separator).items()})
+        else:
+            flat[name] = value
+    return flat
 
 
 def evaluation_sections(run: Evaluation, family_metrics: Callable[[Evaluation], Sections]) -> Sections:

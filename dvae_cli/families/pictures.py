@@ -14,12 +14,8 @@ from dvae_cli.families.base import DiscreteVAE
 
 SHOWN_IMAGES = 8
 """Evaluation images in reconstructions.png and code_maps.png."""
-
-
 MEASURED_IMAGES = 1000
 """Evaluation images (a seeded sample) over which KL per dimension and code usage are measured."""
-
-
 ENCODE_BATCH = 256
 
 

@@ -26,7 +26,7 @@ from torch import Tensor
 from dvae_cli import __version__
 from dvae_cli.core.errors import UserError
 from dvae_cli.families import FAMILIES, DiscreteVAE
-from dvae_cli.families.base import as_tensor
+from dvae_cli.families.base import as_tensor, float32_if_floating
 from dvae_cli.formats.dataset import (
     COMPRESSION,
     COMPRESSION_LEVEL,
@@ -39,29 +39,15 @@ from dvae_cli.formats.dataset import (
 )
 
 FORMAT = "dvae-codes"
-
-
 FORMAT_VERSION = 1
-
-
 ROWS_PER_CHUNK = 1024
-
-
 CHUNK_BYTES = 1 << 20
 """Chunks hold ROWS_PER_CHUNK rows, fewer when those would pass this size (large code maps)."""
-
-
 QUEUE_DEPTH = 2
 """Batches the writer thread may lag behind the model."""
-
-
 COPIED_ARRAYS = ("split", *ROW_ARRAYS)
-
-
 REQUIRED_ATTRIBUTES = ("model", "model_dir", "weights_sha256", "dataset_sha256", "dataset_info", "latent_arrays",
                        "image_size", "channels")
-
-
 PRECISION_NAMES = {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
 
 
@@ -100,10 +86,6 @@ def chunk_rows(specs: Sequence[ArraySpec], num_rows: int) -> int:
     return max(1, min(ROWS_PER_CHUNK, CHUNK_BYTES // max(widest, 1), num_rows))
 
 
-def _float32_if_floating(tensor: Tensor) -> Tensor:
-    return tensor.float() if tensor.is_floating_point() else tensor
-
-
 class ChunkedRowWriter:
     """Writes batches of per-row arrays on a background thread, at most QUEUE_DEPTH batches behind the caller.
 
@@ -131,7 +113,7 @@ class ChunkedRowWriter:
         """Queue one batch: `latent` holds rows [start, start + batch) of every array (on any device)."""
         on_gpu = next(iter(latent.values())).device.type == "cuda"
         # On a GPU the copies to (pinned) host memory run asynchronously; the writer waits for them.
-        host = {name: _float32_if_floating(latent[name].detach()).to("cpu", non_blocking=on_gpu)
+        host = {name: float32_if_floating(latent[name].detach()).to("cpu", non_blocking=on_gpu)
                 for name in self.datasets}
         copied: torch.cuda.Event | None = None
         if on_gpu:

@@ -57,8 +57,6 @@ class DecodeResult:
 
 
 IMAGE_SUFFIXES = (".png",)
-
-
 DATASET_SUFFIXES = (".h5", ".hdf5")
 
 

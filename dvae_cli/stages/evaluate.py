@@ -24,7 +24,7 @@ from dvae_cli.core.runtime import resolve_runtime
 from dvae_cli.families import get_family
 from dvae_cli.families.evaluation import Evaluation, Sections, evaluation_sections, reconstruction_totals, timed
 from dvae_cli.formats.codes import CodesFile
-from dvae_cli.formats.dataset import SPLIT_NAMES, DatasetFile, read_rows
+from dvae_cli.formats.dataset import SPLIT_NAMES, DatasetFile
 from dvae_cli.formats.model_folder import LoadedModel, load_model
 from dvae_cli.params import Params
 
@@ -81,7 +81,7 @@ def evaluate(params: Params, family: str, paths: EvaluatePaths, show_progress: b
     with DatasetFile(paths.dataset) as dataset, _open_codes(paths, family, loaded, dataset) as codes:
         split = dataset.evaluation_split()
         rows = dataset.indices(split)
-        latent = {name: read_rows(codes.file[name], rows) for name in codes.latent_names}
+        latent = {name: codes.read_at(name, rows) for name in codes.latent_names}
         seconds: dict[str, float] = {}
         with timed(seconds, "reconstruction"), \
                 progress_bar(f"evaluate {family}", len(rows), enabled=show_progress) as advance:

@@ -30,11 +30,12 @@ from dvae_cli.core.files import sha256_file
 from dvae_cli.core.progress import progress_bar
 from dvae_cli.core.runtime import Runtime, keep_freed_host_memory, resolve_runtime
 from dvae_cli.families import DataShape, DiscreteVAE, LossOutput, get_family
+from dvae_cli.families.base import float32_if_floating
 from dvae_cli.families.evaluation import (
     ArraysInMemory,
     Evaluation,
-    Sections,
     evaluation_sections,
+    flatten,
     reconstruction_totals,
 )
 from dvae_cli.formats.checkpoint import TrainState, resume, save_checkpoint
@@ -166,17 +167,6 @@ def epoch_figures(model: DiscreteVAE, counts: dict[str, Tensor], data: TrainingD
     return figures
 
 
-def flat_figures(sections: Sections, prefix: str) -> dict[str, float]:
-    """Nested sections as flat `prefix/section/.../name` figures."""
-    figures: dict[str, float] = {}
-    for name, value in sections.items():
-        if isinstance(value, dict):
-            figures.update(flat_figures(value, f"{prefix}/{name}"))
-        else:
-            figures[f"{prefix}/{name}"] = float(value)
-    return figures
-
-
 @torch.no_grad()
 def score_sample(model: DiscreteVAE, family: str, config: Any, sample: EvalSample, params: Params,
                  runtime: Runtime) -> dict[str, float]:
@@ -185,10 +175,7 @@ def score_sample(model: DiscreteVAE, family: str, config: Any, sample: EvalSampl
     model.eval()
     parts = [model.encode(runtime.images(torch.from_numpy(sample.images[start:start + EVAL_BATCH])))
              for start in range(0, len(sample.images), EVAL_BATCH)]
-    latent = {}
-    for name in parts[0]:
-        values = torch.cat([part[name] for part in parts]).cpu()
-        latent[name] = (values.float() if values.is_floating_point() else values).numpy()
+    latent = {name: float32_if_floating(torch.cat([part[name] for part in parts])).cpu().numpy() for name in parts[0]}
     totals = reconstruction_totals(model, latent, sample.images, EVAL_BATCH, runtime.device,
                                    advance=lambda n=1, **fields: None)
     rows = np.arange(len(sample.images))
@@ -197,8 +184,8 @@ def score_sample(model: DiscreteVAE, family: str, config: Any, sample: EvalSampl
                      split=VAL, rows=rows, arrays=dict(latent), reconstruction=totals, notes=[], seconds={})
     sections = evaluation_sections(run, get_family(family).metrics)
     model.train()
-    return flat_figures({name: section for name, section in sections.items() if name not in ("evaluation", "sample")},
-                        "eval")
+    curves = {name: section for name, section in sections.items() if name not in ("evaluation", "sample")}
+    return {f"eval/{name}": float(value) for name, value in flatten(curves, "/").items()}
 
 
 class Meter:

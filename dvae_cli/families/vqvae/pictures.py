@@ -18,20 +18,11 @@ from dvae_cli.families.vqvae.model import VQVAE
 
 FILES = ("reconstructions.png", "code_maps.png", "codebook.png", "code_usage.csv")
 """Every file the VQ-VAE pictures write."""
-
 CAPTION_HEIGHT = 30
 """Height of the band under each codebook tile that holds its index and usage."""
-
-
 CODE_MAP_PAIRS_PER_ROW = 4
-
-
 CODEBOOK_CODES = 16
-
-
 CODEBOOK_COLUMNS = 8
-
-
 GOLDEN_RATIO_CONJUGATE = 0.6180339887498949
 
 
