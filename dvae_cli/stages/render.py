@@ -83,7 +83,7 @@ def render(params: Params, family: str, model_dir: Path, dataset_path: Path, out
             measured=torch.from_numpy(dataset.read_images(measured)).to(device),
             steps=settings.steps, seed=settings.seed)
 
-    with torch.inference_mode(), progress_bar(f"render {family}", len(spec.picture_files),
+    with torch.inference_mode(), progress_bar(f"render {family}", len(spec.picture_files), unit="picture",
                                                 enabled=show_progress) as advance:
         rendered = spec.pictures(loaded.model, inputs, advance)
 

@@ -280,9 +280,8 @@ def train(params: Params, family: str, paths: TrainPaths, restart: bool = False,
     meter = Meter(runtime.device, state.step)
 
     try:
-        with progress_bar(f"train {family}", total_steps, extra="{task.fields[info]}",
-                          enabled=show_progress and cluster.is_main) as advance:
-            advance(state.step)
+        with progress_bar(f"train {family}", total_steps, extra="{task.fields[info]}", unit="step",
+                          completed=state.step, enabled=show_progress and cluster.is_main) as advance:
             while state.step < total_steps:
                 epoch, position = divmod(state.step, steps_per_epoch)
                 permutation = epoch_permutation(params.seed, epoch, len(data.train))
