@@ -316,6 +316,43 @@ def render_command(
     console().print(table)
 
 
+@app.command("import-reference")
+@user_facing
+def import_reference_command(
+    model_pt: Annotated[Path, typer.Argument(help="the reference JointVAE's model.pt (a state dict)")],
+    specs: Annotated[Path | None, typer.Option(help="its specs.json [default: specs.json beside MODEL_PT]")] = None,
+    out: Annotated[Path | None, typer.Option(help="model folder to write [default: models/jointvae]")] = None,
+    force: Annotated[bool, typer.Option(help="replace OUT when it exists and is not empty")] = False,
+    params_file: ParamsOption = Path("params.yaml"),
+    preset: PresetOption = None,
+    set_: SetOption = None,
+) -> None:
+    """Turn a reference JointVAE checkpoint (model.pt + specs.json) into a model folder encode/evaluate/render read."""
+    from dvae_cli.families.jointvae import FAMILY
+    from dvae_cli.families.jointvae.reference import import_reference
+
+    params = params_with(params_file, preset, set_)
+    result = import_reference(model_pt, specs or model_pt.with_name("specs.json"),
+                              out or Path("models") / FAMILY.name, params.model_config(FAMILY.name), force=force)
+    for note in result.notes:
+        typer.echo(f"note: {note}", err=True)
+    config, data = result.config, result.data
+    table = Table(title=f"{result.folder}: imported {model_pt}",
+                  caption=f"next: dvae encode --model {FAMILY.name} --model-dir {result.folder}")
+    table.add_column("")
+    table.add_column("value")
+    table.add_row("reference dataset", result.dataset)
+    table.add_row("image shape", f"{data.channels}×{data.image_size}×{data.image_size}")
+    table.add_row("continuous", str(config.continuous))
+    table.add_row("discrete", str(config.discrete))
+    for name, schedule in (("C_z", config.cont_capacity), ("C_c", config.disc_capacity)):
+        table.add_row(name, f"max {schedule.max:g} nats over {schedule.steps:,} steps, γ {schedule.gamma:g}")
+    table.add_row("temperature, lr, batch size", f"{config.temperature:g}, {config.lr:g}, {config.batch_size}")
+    table.add_row("parameters", f"{result.num_parameters:,}")
+    table.add_row("weights sha256", result.weights_sha256[:16])
+    console().print(table)
+
+
 def _terminate(signum: int, frame: object) -> None:
     # Raising from a signal handler is unreliable (an exception that lands in a finalizer is dropped, and h5py
     # runs many), so remove the temporary files being written and exit at once: no artifact looks complete.

@@ -287,7 +287,7 @@ class CodesFile:
 
     def read_rows(self, start: int, stop: int, names: Sequence[str] | None = None) -> dict[str, np.ndarray]:
         """Rows [start, stop) of the named arrays (default: `row_names()`), as stored."""
-        return {name: self.file[name][start:stop] for name in (names or self.row_names())}
+        return {name: self.file[name][start:stop] for name in (self.row_names() if names is None else names)}
 
     def read_at(self, name: str, rows: np.ndarray) -> np.ndarray | None:
         """Array `name` at sorted `rows`, as stored; None when the file has no such array."""

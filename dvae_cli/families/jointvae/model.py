@@ -281,8 +281,7 @@ def load_reference_state_dict(model: JointVAE, state_dict: Mapping[str, Tensor])
             raise UserError(f"reference state dict lacks `{name}`; it was saved for another latent spec or image size")
         if tuple(state_dict[name].shape) != tuple(tensor.shape):
             raise UserError(f"reference state dict `{name}` has shape {tuple(state_dict[name].shape)}, this model "
-                            f"needs {tuple(tensor.shape)}; match jointvae.continuous, jointvae.discrete and the "
-                            "image size")
+                            f"needs {tuple(tensor.shape)}; it was saved for another latent spec or image size")
     unexpected = [name for name in state_dict if name not in expected]
     if unexpected:
         raise UserError(f"reference state dict has `{unexpected[0]}`, which this JointVAE does not; "
