@@ -106,7 +106,7 @@ def prepare_data_command(
     set_: SetOption = None,
 ) -> None:
     """Write the dataset file from a source (built-in dSprites, torchvision, an image folder)."""
-    from dvae_cli.stages.prepare import prepare_data
+    from dvae_cli.stages.prepare import describe_skipped, prepare_data
 
     params = params_with(params_file, preset, set_, data__dataset=dataset, data__root=root,
                          data__subset=None if subset is None else parse_value(subset),
@@ -122,7 +122,7 @@ def prepare_data_command(
     table.add_row("labels", f"{info.num_classes} classes" if info.has_labels else "none")
     table.add_row("factors", ", ".join(info.factor_names) if info.has_factors else "none")
     if summary.skipped:
-        table.add_row("unreadable files skipped", str(summary.skipped))
+        table.add_row("unreadable files skipped", describe_skipped(summary.skipped))
     table.add_row("file size", f"{summary.file_bytes / 1e6:.1f} MB")
     table.add_row("seconds", f"{summary.seconds:.1f}")
     console().print(table)

@@ -42,6 +42,21 @@ def png_writer() -> Callable[[Path, np.ndarray], Path]:
 
 
 @pytest.fixture
+def load_with_datasets(tmp_path: Path) -> Callable[[Path], Any]:
+    """HF `datasets.load_dataset("hdf5", data_files=...)` of one file: its rows as the one split, train."""
+    import datasets
+
+    datasets.disable_progress_bars()
+
+    def load(path: Path) -> Any:
+        loaded = datasets.load_dataset("hdf5", data_files=str(path), cache_dir=str(tmp_path / "hf-cache"))
+        assert list(loaded) == ["train"]
+        return loaded["train"]
+
+    return load
+
+
+@pytest.fixture
 def image_folder(tmp_path: Path) -> Path:
     """Two class folders of solid-gray 12×10 PNGs: cat/ 3 images (gray 10, 20, 30), dog/ 2 images (gray 200, 210)."""
     root = tmp_path / "images"

@@ -84,6 +84,22 @@ def test_empty_image_folder(tmp_path, write_params):
     assert_no_output(tmp_path, out)
 
 
+def test_folder_without_a_readable_image_names_the_files(tmp_path, write_params):
+    root = tmp_path / "broken"
+    root.mkdir()
+    for name in ("a.png", "b.png", "c.jpg"):
+        (root / name).write_bytes(b"not an image")
+    params = write_params(data={"dataset": "folder", "root": "broken"})
+    out = tmp_path / "dataset.h5"
+    result = run_dvae("prepare-data", "--params", str(params), "--out", str(out), cwd=tmp_path)
+    # The files are found unreadable only by reading them, so the progress log's lines come first.
+    *progress, error = result.stderr.strip().splitlines()
+    assert all(line.startswith("prepare folder: row ") for line in progress)
+    assert_user_error(subprocess.CompletedProcess(result.args, result.returncode, result.stdout, error),
+                      "none of the 3 images of broken could be read (3: a.png, b.png, c.jpg)")
+    assert_no_output(tmp_path, out)
+
+
 # Help and version
 
 def test_help_lists_commands_and_debug(tmp_path):
@@ -147,6 +163,17 @@ def test_prepare_data_command_flag_over_file_over_default(tmp_path, write_params
         assert dataset.params["seed"] == 9
         np.testing.assert_array_equal(dataset.labels, [0, 0, 0, 1, 1])
     assert params.read_text().count("image_size: 16") == 1
+
+
+def test_prepare_data_names_the_files_it_skipped(tmp_path, write_params, image_folder):
+    for i in range(7):
+        (image_folder / "dog" / f"broken{i}.png").write_bytes(b"not an image")
+    params = write_params(data={"dataset": "folder", "root": str(image_folder), "image_size": 8})
+    result = invoke("prepare-data", "--params", str(params), "--out", str(tmp_path / "dataset.h5"),
+                    env={"COLUMNS": "200"})
+    assert result.exit_code == 0, result.output
+    assert ("unreadable files skipped │ 7: dog/broken0.png, dog/broken1.png, dog/broken2.png, dog/broken3.png, "
+            "dog/broken4.png, …") in result.stderr
 
 
 def test_internal_error_is_short_without_debug(monkeypatch, tmp_path, write_params, image_folder):

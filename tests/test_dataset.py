@@ -41,7 +41,8 @@ def toy_rows(num_rows: int = NUM_IMAGES) -> dict[str, np.ndarray]:
 
 
 def write_dataset(path: Path, info: DatasetInfo = FACTOR_INFO, rows: dict[str, np.ndarray] | None = None,
-                  params: dict | None = None, chunk_rows: int = 25) -> dict[str, np.ndarray]:
+                  params: dict | None = None, chunk_rows: int = 25,
+                  source_paths: list[str] | None = None) -> dict[str, np.ndarray]:
     rows = toy_rows() if rows is None else rows
     writer = DatasetWriter(path, info, params or {"seed": 3, "data": {"dataset": "toy"}})
     try:
@@ -50,7 +51,8 @@ def write_dataset(path: Path, info: DatasetInfo = FACTOR_INFO, rows: dict[str, n
             writer.append(DatasetChunk(images=rows["images"][part],
                                        labels=rows["labels"][part] if info.has_labels else None,
                                        factors=rows["factors"][part] if info.has_factors else None,
-                                       factor_classes=rows["factor_classes"][part] if info.has_factors else None))
+                                       factor_classes=rows["factor_classes"][part] if info.has_factors else None,
+                                       source_paths=None if source_paths is None else source_paths[part]))
         writer.finish(rows["split"])
     finally:
         writer.close()
@@ -108,6 +110,40 @@ def test_source_without_labels_or_factors_writes_neither(tmp_path):
         assert dataset.labels is None and dataset.factors is None and dataset.factor_classes is None
         assert not dataset.info.has_labels and not dataset.info.has_factors
         np.testing.assert_array_equal(dataset.read_images(), rows["images"])
+
+
+SOURCE_NAMES = [f"class {i % 4}/image-{i:03d}-é.png" for i in range(NUM_IMAGES)]
+
+
+def test_source_paths_are_kept_per_row_across_chunks(tmp_path):
+    path = tmp_path / "dataset.h5"
+    write_dataset(path, PLAIN_INFO, source_paths=SOURCE_NAMES)
+    with h5py.File(path, "r") as file:
+        assert set(file) == {"images", "split", "source_paths"}
+        assert h5py.check_string_dtype(file["source_paths"].dtype).encoding == "utf-8"
+        assert list(file["source_paths"].asstr()[:]) == SOURCE_NAMES
+    with DatasetFile(path) as dataset:
+        assert dataset.num_images == NUM_IMAGES
+
+
+def test_source_paths_of_the_wrong_length(tmp_path):
+    path = tmp_path / "dataset.h5"
+    write_dataset(path, source_paths=SOURCE_NAMES)
+    damage(path, "source_paths", np.array(SOURCE_NAMES[:-1], dtype=h5py.string_dtype()))
+    with pytest.raises(UserError, match="incomplete or damaged dataset file"):
+        DatasetFile(path)
+
+
+def test_huggingface_datasets_loads_the_dataset_file(tmp_path, load_with_datasets):
+    path = tmp_path / "dataset.h5"
+    rows = write_dataset(path, source_paths=SOURCE_NAMES)
+    loaded = load_with_datasets(path)
+    assert loaded.num_rows == NUM_IMAGES
+    assert set(loaded.column_names) == {"images", "split", "labels", "factors", "factor_classes", "source_paths"}
+    assert loaded["source_paths"] == SOURCE_NAMES
+    columns = loaded.with_format("numpy")
+    for name, values in rows.items():
+        np.testing.assert_array_equal(columns[name][:], values, err_msg=name)
 
 
 def test_read_images_at_indices_across_blocks(tmp_path):

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -26,6 +28,7 @@ from dvae_cli.formats.model_folder import WEIGHTS, load_model, save_model
 from dvae_cli.params import load_params
 from dvae_cli.stages.decode import decode_codes_file, parse_rows
 from dvae_cli.stages.encode import EncodePaths, encode_dataset
+from dvae_cli.stages.prepare import prepare_data
 
 FAMILIES = ("vqvae", "jointvae")
 
@@ -96,7 +99,12 @@ def test_vqvae_codes_are_the_models_and_decode_to_its_reconstruction(trained_pro
     with h5py.File(codes_files["vqvae"]) as file:
         codes = file["codes"][:]
         assert file["codes"].dtype == np.uint8 and codes.shape == (600, 8, 8)  # K = 16, 32 px / 4
-        np.testing.assert_array_equal(file["codebook"][:], model.codebook().numpy())
+        assert json.loads(file.attrs["model_arrays"]) == ["codebook"] and "codebook" not in file
+        assert file.attrs["codebook"].dtype == np.float32
+        np.testing.assert_array_equal(file.attrs["codebook"], model.codebook().numpy())
+    with CodesFile(codes_files["vqvae"]) as reader:
+        np.testing.assert_array_equal(reader.model_arrays["codebook"], model.codebook().numpy())
+        assert "codebook" not in reader.attrs
     np.testing.assert_array_equal(codes, model.codes(x).numpy())
     decoded = model.decode({"codes": torch.from_numpy(codes)})
     torch.testing.assert_close(decoded, model.reconstruct(x), atol=1e-6, rtol=0)
@@ -122,7 +130,7 @@ def test_jointvae_latents_are_the_models_and_decode_to_its_reconstruction(traine
 def test_codes_file_describes_itself_and_copies_the_dataset_rows(trained_project, codes_files, family):
     with h5py.File(codes_files[family]) as file, DatasetFile(trained_project.dataset) as dataset:
         attrs = file.attrs
-        assert attrs["format"] == "dvae-codes" and attrs["format_version"] == 1 and attrs["model"] == family
+        assert attrs["format"] == "dvae-codes" and attrs["format_version"] == 2 and attrs["model"] == family
         assert attrs["weights_sha256"] == sha256_file(trained_project.model_dir(family) / WEIGHTS)
         assert attrs["dataset_sha256"] == sha256_file(trained_project.dataset)
         assert attrs["dvae_version"] and attrs["precision"] == "fp32"
@@ -133,9 +141,43 @@ def test_codes_file_describes_itself_and_copies_the_dataset_rows(trained_project
         for name in ("split", "labels", "factors", "factor_classes"):
             assert file[name].dtype == getattr(dataset, name).dtype
             np.testing.assert_array_equal(file[name][:], getattr(dataset, name))
-        for name, array in file.items():
-            if array.shape[0] == 600 and name != "codebook":
-                assert array.compression == "gzip" and array.chunks[0] == 600, name  # fewer rows than a chunk
+        for name, array in file.items():  # every array has one row per dataset row (per-row readers need it)
+            assert array.shape[0] == 600, name
+            assert array.compression == "gzip" and array.chunks[0] == 600, name  # fewer rows than a chunk
+
+
+LATENT_COLUMNS = {"vqvae": {"codes"},
+                  "jointvae": {"discrete", "discrete_probs", "continuous_mean", "continuous_logvar"}}
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_huggingface_datasets_loads_the_codes_file(codes_files, load_with_datasets, family):
+    loaded = load_with_datasets(codes_files[family])
+    assert loaded.num_rows == 600
+    assert set(loaded.column_names) == LATENT_COLUMNS[family] | {"split", "labels", "factors", "factor_classes"}
+    columns = loaded.with_format("numpy")
+    with h5py.File(codes_files[family]) as file:
+        for name in loaded.column_names:
+            np.testing.assert_array_equal(columns[name][:], file[name][:], err_msg=name)
+
+
+def test_codes_of_a_folder_dataset_keep_each_rows_source_path(trained_project, image_folder, tmp_path,
+                                                              load_with_datasets):
+    params = load_params(trained_project.params_path)
+    dataset = tmp_path / "folder.h5"
+    prepare_data(replace(params, data=replace(params.data, dataset="folder", root=str(image_folder), subset=None)),
+                 dataset, show_progress=False)
+    paths = EncodePaths(dataset, trained_project.model_dir("vqvae"), tmp_path / "codes.h5")
+    codes = encode_dataset(params, "vqvae", paths, show_progress=False).path
+    expected = ["cat/0.png", "cat/1.png", "cat/2.png", "dog/0.png", "dog/1.png"]
+    with CodesFile(codes) as reader:
+        assert list(reader.source_paths(0, 5)) == expected
+        assert reader.row_names() == ["codes", "labels"]  # batches yield tensors only
+    assert load_with_datasets(codes)["source_paths"] == expected
+    decoded = tmp_path / "decoded.h5"
+    decode_codes_file(params, codes, decoded, "1:4", show_progress=False)
+    with DatasetFile(decoded) as dataset:
+        assert list(dataset.file["source_paths"].asstr()[:]) == expected[1:4]
 
 
 def test_reader_yields_lazy_batches_of_a_split(codes_files):
@@ -202,6 +244,17 @@ def test_rows_option_rejects(text):
 def test_reader_refuses_other_files(trained_project, codes_files, tmp_path):
     with pytest.raises(UserError, match="format 'dvae-dataset'"):
         CodesFile(trained_project.dataset)
+    for change, message in (("version 1", "codes format version 1, this dvae reads version 2"),
+                            ("no model_arrays", "incomplete or damaged codes file")):
+        damaged = tmp_path / "damaged.h5"
+        shutil.copyfile(codes_files["vqvae"], damaged)
+        with h5py.File(damaged, "a") as file:
+            if change == "version 1":
+                file.attrs["format_version"] = 1
+            else:
+                del file.attrs["model_arrays"]
+        with pytest.raises(UserError, match=message):
+            CodesFile(damaged)
     with pytest.raises(UserError, match="not found; create it with `dvae encode`"):
         CodesFile(tmp_path / "none.h5")
     with pytest.raises(UserError, match="must end in .png"):

@@ -4,7 +4,7 @@ import pytest
 from dvae_cli.core.errors import UserError
 from dvae_cli.formats.dataset import TEST, TRAIN, VAL, DatasetFile
 from dvae_cli.params import DataConfig, Params
-from dvae_cli.stages.prepare import assign_split, prepare_data, select_subset
+from dvae_cli.stages.prepare import assign_split, describe_skipped, prepare_data, select_subset
 
 
 def rng(seed: int = 0) -> np.random.Generator:
@@ -89,7 +89,7 @@ def test_prepare_folder(tmp_path, image_folder):
     out = tmp_path / "prepared" / "dataset.h5"
     params = folder_params(image_folder, image_size=8, channels=1, split=[0.6, 0.2, 0.2])
     summary = prepare_data(params, out, show_progress=False)
-    assert summary.path == out and summary.skipped == 0
+    assert summary.path == out and summary.skipped == []
     assert summary.split_counts == {"train": 3, "val": 1, "test": 1}
     assert summary.file_bytes == out.stat().st_size
     with DatasetFile(out) as dataset:
@@ -101,6 +101,8 @@ def test_prepare_folder(tmp_path, image_folder):
         np.testing.assert_array_equal(dataset.labels, [0, 0, 0, 1, 1])
         assert counts(dataset.split) == [3, 1, 1]
         assert dataset.params["seed"] == 4
+        assert list(dataset.file["source_paths"].asstr()[:]) == [
+            "cat/0.png", "cat/1.png", "cat/2.png", "dog/0.png", "dog/1.png"]
         assert dataset.params["data"]["dataset"] == "folder" and dataset.params["data"]["image_size"] == 8
     assert [p.name for p in out.parent.iterdir()] == ["dataset.h5"]
 
@@ -121,14 +123,32 @@ def test_prepare_is_deterministic_and_the_seed_matters(tmp_path, flat_image_fold
     assert any(not np.array_equal(first[0], o[0]) or not np.array_equal(first[1], o[1]) for o in others)
 
 
-def test_prepare_skips_and_counts_unreadable_files(tmp_path, image_folder):
+def test_prepare_subset_keeps_each_rows_source_path(tmp_path, flat_image_folder):
+    out = tmp_path / "dataset.h5"
+    prepare_data(folder_params(flat_image_folder, image_size=8, subset=3), out, show_progress=False)
+    with DatasetFile(out) as dataset:
+        paths = list(dataset.file["source_paths"].asstr()[:])
+        assert len(paths) == 3 and paths == sorted(paths)
+        # img{i}.png is gray 40 i: each row's path names the file its image came from
+        assert [f"img{gray // 40}.png" for gray in dataset.read_images()[:, 0, 0, 0]] == paths
+
+
+def test_prepare_skips_and_names_unreadable_files(tmp_path, image_folder):
     (image_folder / "dog" / "broken.png").write_bytes(b"garbage")
     out = tmp_path / "dataset.h5"
     summary = prepare_data(folder_params(image_folder, image_size=8, split=[1.0, 0.0, 0.0]), out, show_progress=False)
-    assert summary.skipped == 1
+    assert summary.skipped == ["dog/broken.png"]
     with DatasetFile(out) as dataset:
         assert dataset.num_images == 5
         np.testing.assert_array_equal(dataset.labels, [0, 0, 0, 1, 1])
+        assert "dog/broken.png" not in list(dataset.file["source_paths"].asstr()[:])
+
+
+def test_describe_skipped_names_the_first_few_and_counts_all():
+    assert describe_skipped(["a.png"]) == "1: a.png"
+    names = [f"{i}.png" for i in range(1, 1201)]
+    assert describe_skipped(names[:5]) == "5: 1.png, 2.png, 3.png, 4.png, 5.png"
+    assert describe_skipped(names) == "1,200: 1.png, 2.png, 3.png, 4.png, 5.png, …"
 
 
 def test_prepare_with_no_readable_image_leaves_no_file(tmp_path):
@@ -137,7 +157,7 @@ def test_prepare_with_no_readable_image_leaves_no_file(tmp_path):
     for name in ("a.png", "b.jpg"):
         (root / name).write_bytes(b"not an image")
     out = tmp_path / "out" / "dataset.h5"
-    with pytest.raises(UserError, match="none of the 2 images"):
+    with pytest.raises(UserError, match=r"none of the 2 images .* could be read \(2: a.png, b.jpg\)"):
         prepare_data(folder_params(root), out, show_progress=False)
     assert list(out.parent.iterdir()) == []
 
@@ -151,6 +171,7 @@ def test_prepare_mnist_keeps_official_test_and_carves_val(tmp_path, fake_mnist):
     assert summary.split_counts == {"train": 36, "val": 4, "test": 10}
     with DatasetFile(out) as dataset:
         assert dataset.info.source == "mnist" and dataset.info.num_classes == 10
+        assert "source_paths" not in dataset.file
         np.testing.assert_array_equal(dataset.split[40:], TEST)
         np.testing.assert_array_equal(dataset.read_images()[:, 0],
                                       np.concatenate([fake_mnist.train_images, fake_mnist.test_images]))

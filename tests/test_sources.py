@@ -1,3 +1,5 @@
+import os
+
 import numpy as np
 import pytest
 import torch
@@ -34,7 +36,7 @@ def test_class_folders_give_labels_and_class_names(image_folder):
     np.testing.assert_array_equal(labels, [0, 0, 0, 1, 1])
     np.testing.assert_array_equal(images.reshape(5, -1).min(axis=1), [10, 20, 30, 200, 210])
     np.testing.assert_array_equal(images.reshape(5, -1).max(axis=1), [10, 20, 30, 200, 210])
-    assert source.skipped == 0
+    assert source.skipped == []
 
 
 def test_flat_folder_has_no_labels(flat_image_folder):
@@ -51,6 +53,25 @@ def test_read_returns_the_rows_asked_for_in_order(image_folder):
     chunk = source.read(np.array([1, 3]))
     np.testing.assert_array_equal(chunk.images[:, 0, 0, 0], [20, 200])
     np.testing.assert_array_equal(chunk.labels, [0, 1])
+    assert chunk.source_paths == ["cat/1.png", "dog/0.png"]
+
+
+def test_rows_keep_their_path_relative_to_the_root_in_sorted_order(image_folder, flat_image_folder, png_writer):
+    png_writer(image_folder / "cat" / "10.png", np.full((10, 12), 40, np.uint8))  # sorts between 1.png and 2.png
+    chunk = FolderSource(folder_config(image_folder, image_size=8, channels=1)).read(np.arange(6))
+    assert chunk.source_paths == ["cat/0.png", "cat/1.png", "cat/10.png", "cat/2.png", "dog/0.png", "dog/1.png"]
+    np.testing.assert_array_equal(chunk.images[:, 0, 0, 0], [10, 20, 40, 30, 200, 210])
+    flat = FolderSource(folder_config(flat_image_folder, image_size=8, channels=1)).read(np.arange(4))
+    assert flat.source_paths == ["img0.png", "img1.png", "img2.png", "img3.png"]
+
+
+def test_file_name_that_is_not_utf8_is_kept_escaped(tmp_path, png_writer):
+    root = tmp_path / "images"
+    root.mkdir()
+    png = png_writer(tmp_path / "gray.png", np.full((8, 8), 90, np.uint8)).read_bytes()
+    (root / os.fsdecode(b"caf\xe9.png")).write_bytes(png)
+    chunk = FolderSource(folder_config(root, image_size=8, channels=1)).read(np.arange(1))
+    assert chunk.source_paths == ["caf\\xe9.png"] and chunk.images[0, 0, 0, 0] == 90
 
 
 def test_corrupt_and_non_image_files(image_folder, png_writer):
@@ -62,8 +83,10 @@ def test_corrupt_and_non_image_files(image_folder, png_writer):
     truncated.write_bytes(truncated.read_bytes()[:200])
     source = FolderSource(folder_config(image_folder, image_size=8, channels=1))
     assert len(source) == 7  # .txt is not listed
-    images, labels = read_all(source)
-    assert source.skipped == 2
+    chunk = source.read(np.arange(len(source)))
+    images, labels = chunk.images, chunk.labels
+    assert source.skipped == ["cat/1.png", "dog/3.png"]
+    assert chunk.source_paths == ["cat/0.png", "cat/2.png", "dog/0.png", "dog/1.png", "dog/2.png"]
     np.testing.assert_array_equal(images[:, 0, 0, 0], [10, 30, 200, 210, 220])
     np.testing.assert_array_equal(labels, [0, 0, 1, 1, 1])
 

@@ -1,9 +1,11 @@
 """The codes file (`data/codes/M.h5`): schema, writer pieces and `CodesFile`, its reader.
 
 It stores whatever the model's `encode` returns, row i for dataset row i: integer arrays in the smallest unsigned
-type that holds the model's values, float arrays as float32; beside them the split, labels and factors copied from
-the dataset, and the arrays the model stores once (the VQ-VAE codebook). Attributes name the model, the weights'
-and the dataset's sha256, the latent spec and the precision it was encoded in.
+type that holds the model's values, float arrays as float32; beside them the split, labels, factors and source paths
+copied from the dataset. Every dataset in the file is per-row, so per-row readers (HF `datasets`' hdf5 loader, a
+DataFrame) take the file as it is; the arrays the model stores once (the VQ-VAE codebook) are attributes, listed
+in `model_arrays`. Attributes also name the model, the weights' and the dataset's sha256, the latent spec and the
+precision it was encoded in.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ from dvae_cli.formats.dataset import (
     COMPRESSION,
     COMPRESSION_LEVEL,
     ROW_ARRAYS,
+    SOURCE_PATHS,
     SPLIT_NAMES,
     DatasetFile,
     DatasetInfo,
@@ -39,7 +42,7 @@ from dvae_cli.formats.dataset import (
 )
 
 FORMAT = "dvae-codes"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 ROWS_PER_CHUNK = 1024
 CHUNK_BYTES = 1 << 20
 """Chunks hold ROWS_PER_CHUNK rows, fewer when those would pass this size (large code maps)."""
@@ -47,7 +50,7 @@ QUEUE_DEPTH = 2
 """Batches the writer thread may lag behind the model."""
 COPIED_ARRAYS = ("split", *ROW_ARRAYS)
 REQUIRED_ATTRIBUTES = ("model", "model_dir", "weights_sha256", "dataset_sha256", "dataset_info", "latent_arrays",
-                       "image_size", "channels")
+                       "model_arrays", "image_size", "channels")
 PRECISION_NAMES = {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
 
 
@@ -175,10 +178,16 @@ class CodesHeader:
     """The model's `latent_attributes()` (latent shape, K and D, or the latent spec)."""
 
 
+def new_codes_file(path: Path) -> h5py.File:
+    """An empty HDF5 file for `create_codes_file`, in HDF5 1.8's format: the first with dense attribute storage,
+    which attributes over 64 KiB need (a codebook of K = 512, D = 64 is 128 KiB)."""
+    return h5py.File(path, "w", libver=("v108", "v108"))
+
+
 def create_codes_file(file: h5py.File, header: CodesHeader, dataset: DatasetFile, model: DiscreteVAE,
                       specs: Sequence[ArraySpec], rows_per_chunk: int) -> dict[str, h5py.Dataset]:
-    """Write the attributes, the copied dataset arrays and the model's once-only arrays into a new codes file;
-    returns its empty, compressed latent arrays (one per spec) for a `ChunkedRowWriter` to fill."""
+    """Write the attributes (the model's once-only arrays among them) and the copied dataset arrays into a
+    `new_codes_file`; returns its empty, compressed latent arrays (one per spec) for a `ChunkedRowWriter` to fill."""
     attrs = file.attrs
     attrs["format"] = FORMAT
     attrs["format_version"] = FORMAT_VERSION
@@ -191,17 +200,21 @@ def create_codes_file(file: h5py.File, header: CodesHeader, dataset: DatasetFile
     attrs["image_size"] = header.dataset_info.image_size
     attrs["channels"] = header.dataset_info.channels
     attrs["latent_arrays"] = json.dumps([spec.name for spec in specs])
+    model_arrays = model.extra_arrays()
+    attrs["model_arrays"] = json.dumps(list(model_arrays))
     attrs["precision"] = header.precision
     attrs["dvae_version"] = __version__
     for key, value in header.latent_attributes.items():
         attrs[key] = _attribute(value)
+    for name, tensor in model_arrays.items():
+        attrs[name] = tensor.detach().cpu().float().numpy()
     compression = {"compression": COMPRESSION, "compression_opts": COMPRESSION_LEVEL}
     for name in COPIED_ARRAYS:
         values = getattr(dataset, name)
         if values is not None:
             file.create_dataset(name, data=values, chunks=(rows_per_chunk, *values.shape[1:]), **compression)
-    for name, tensor in model.extra_arrays().items():
-        file.create_dataset(name, data=tensor.detach().cpu().float().numpy())
+    if SOURCE_PATHS in dataset.file:
+        dataset.file.copy(dataset.file[SOURCE_PATHS], file)
     return create_latent_datasets(file, specs, len(dataset.split), rows_per_chunk, **compression)
 
 
@@ -225,6 +238,7 @@ class CodesFile:
     """A validated, open codes file: attributes, and its arrays read lazily as torch tensors.
 
     >>> with CodesFile("data/codes/vqvae.h5") as codes:
+    ...     codebook = codes.model_arrays["codebook"]   # float32 [K, D]
     ...     for batch in codes.batches("train", batch_size=256):
     ...         tokens = batch["codes"]        # int64 [256, h, w]
     ...         labels = batch.get("labels")   # int64 [256], when the dataset has classes
@@ -233,16 +247,29 @@ class CodesFile:
     def __init__(self, path: Path | str, family: str | None = None) -> None:
         self.path = Path(path)
         self.file = open_hdf5(self.path, FORMAT, FORMAT_VERSION, "codes", "dvae encode")
-        self.attrs: dict[str, Any] = {key: _plain(value) for key, value in self.file.attrs.items()}
         try:
+            self.model_arrays: dict[str, np.ndarray] = self._read_model_arrays()
+            """The arrays the model stores once (VQ-VAE: `codebook`, float32 [K, D])."""
+            self.attrs: dict[str, Any] = {key: _plain(value) for key, value in self.file.attrs.items()
+                                          if key not in self.model_arrays}
             self.latent_names, self.dataset_info = self._validate(family)
         except BaseException:
             self.file.close()
             raise
         self.split: np.ndarray = self.file["split"][:]
 
+    def _damaged(self) -> UserError:
+        return UserError(f"{self.path} is an incomplete or damaged codes file; re-run `dvae encode`")
+
+    def _read_model_arrays(self) -> dict[str, np.ndarray]:
+        try:
+            names = json.loads(self.file.attrs["model_arrays"])
+            return {str(name): np.asarray(self.file.attrs[name]) for name in names}
+        except (KeyError, ValueError, TypeError):
+            raise self._damaged() from None
+
     def _validate(self, family: str | None) -> tuple[list[str], DatasetInfo]:
-        broken = UserError(f"{self.path} is an incomplete or damaged codes file; re-run `dvae encode`")
+        broken = self._damaged()
         if any(key not in self.attrs for key in REQUIRED_ATTRIBUTES):
             raise broken
         try:
@@ -261,7 +288,8 @@ class CodesFile:
         if "split" not in self.file or not names or any(name not in self.file for name in names):
             raise broken
         num_rows = self.file["split"].shape[0]
-        if any(self.file[name].shape[0] != num_rows for name in (*names, *self.dataset_row_names())):
+        copied = [*self.dataset_row_names(), *([SOURCE_PATHS] if SOURCE_PATHS in self.file else [])]
+        if any(self.file[name].shape[0] != num_rows for name in (*names, *copied)):
             raise broken
         return names, info
 
@@ -288,6 +316,11 @@ class CodesFile:
     def read_rows(self, start: int, stop: int, names: Sequence[str] | None = None) -> dict[str, np.ndarray]:
         """Rows [start, stop) of the named arrays (default: `row_names()`), as stored."""
         return {name: self.file[name][start:stop] for name in (self.row_names() if names is None else names)}
+
+    def source_paths(self, start: int, stop: int) -> np.ndarray | None:
+        """The source files (str, relative to the dataset's root) of rows [start, stop); None unless the dataset
+        came from an image folder."""
+        return self.file[SOURCE_PATHS].asstr()[start:stop] if SOURCE_PATHS in self.file else None
 
     def read_at(self, name: str, rows: np.ndarray) -> np.ndarray | None:
         """Array `name` at sorted `rows`, as stored; None when the file has no such array."""

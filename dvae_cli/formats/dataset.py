@@ -5,11 +5,13 @@
 | split | uint8 | [N]: 0 train, 1 val, 2 test |
 | labels | int64 | [N], when the source has classes |
 | factors / factor_classes | float32 / int64 | [N, F], when the source has ground-truth factors |
+| source_paths | variable-length UTF-8 str | [N], when the source is files: each row's file, relative to its root |
 """
 
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -29,7 +31,8 @@ COMPRESSION_LEVEL = 1
 ROWS_PER_READ = 16384
 """Rows read at a time when gathering scattered rows."""
 ROW_ARRAYS = ("labels", "factors", "factor_classes")
-"""The per-row arrays a dataset file may hold beside the images and the split."""
+"""The numeric per-row arrays a dataset file may hold beside the images and the split."""
+SOURCE_PATHS = "source_paths"
 
 
 @dataclass(frozen=True)
@@ -61,13 +64,17 @@ class DatasetChunk:
     labels: np.ndarray | None = None
     factors: np.ndarray | None = None
     factor_classes: np.ndarray | None = None
+    source_paths: Sequence[str] | None = None
 
     def __len__(self) -> int:
         return len(self.images)
 
 
 class DatasetWriter:
-    """Streams chunks into a new dataset file; `finish` writes the split and the attributes."""
+    """Streams chunks into a new dataset file; `finish` writes the split and the attributes.
+
+    The first chunk decides whether the file keeps source paths: when it carries them, every chunk must.
+    """
 
     def __init__(self, path: Path, info: DatasetInfo, params: dict[str, Any]) -> None:
         self.info = info
@@ -80,6 +87,7 @@ class DatasetWriter:
         num_factors = len(info.factor_names)
         self.factors = self._rows("factors", (num_factors,), np.float32) if info.has_factors else None
         self.factor_classes = self._rows("factor_classes", (num_factors,), np.int64) if info.has_factors else None
+        self.source_paths: h5py.Dataset | None = None
         self.params = params
         self.num_rows = 0
 
@@ -90,8 +98,12 @@ class DatasetWriter:
 
     def append(self, chunk: DatasetChunk) -> None:
         start, stop = self.num_rows, self.num_rows + len(chunk)
+        if start == 0 and chunk.source_paths is not None and self.source_paths is None:
+            self.source_paths = self._rows(SOURCE_PATHS, (), h5py.string_dtype())
+        paths = None if chunk.source_paths is None else np.array(chunk.source_paths, dtype=object)
         for dataset, rows in ((self.images, chunk.images), (self.labels, chunk.labels),
-                              (self.factors, chunk.factors), (self.factor_classes, chunk.factor_classes)):
+                              (self.factors, chunk.factors), (self.factor_classes, chunk.factor_classes),
+                              (self.source_paths, paths)):
             if dataset is not None:
                 dataset.resize(stop, axis=0)
                 dataset[start:stop] = rows
@@ -157,7 +169,7 @@ class DatasetFile:
         expected = (n, info.channels, info.image_size, info.image_size)
         if images.dtype != np.uint8 or images.shape != expected or file["split"].shape != (n,):
             raise broken
-        for name in ROW_ARRAYS:
+        for name in (*ROW_ARRAYS, SOURCE_PATHS):
             if name in file and file[name].shape[0] != n:
                 raise broken
         if n == 0:

@@ -12,8 +12,8 @@ from dvae_cli.params import DataConfig
 
 class Source(Protocol):
     info: DatasetInfo
-    skipped: int
-    """Rows that could not be read (unreadable files) and were left out."""
+    skipped: list[str]
+    """The files that could not be read and were left out (relative to data.root), in row order."""
 
     def __len__(self) -> int: ...
 
@@ -21,7 +21,7 @@ class Source(Protocol):
         """uint8 [len] of 0 (train) / 2 (test) for sources with an official test split, else None."""
 
     def read(self, indices: np.ndarray) -> DatasetChunk:
-        """The rows at sorted `indices`, in order; unreadable rows are dropped and counted in `skipped`."""
+        """The rows at sorted `indices`, in order; unreadable rows are dropped and named in `skipped`."""
 
 
 def open_source(config: DataConfig) -> Source:

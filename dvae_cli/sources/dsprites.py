@@ -172,7 +172,7 @@ class DSpritesSource:
         self.info = DatasetInfo(source="dsprites", image_size=config.image_size, channels=config.channels,
                                 num_classes=FACTOR_SIZES[0], class_names=SHAPE_NAMES,
                                 factor_names=FACTOR_NAMES, factor_sizes=FACTOR_SIZES)
-        self.skipped = 0
+        self.skipped: list[str] = []
 
     def __len__(self) -> int:
         return NUM_IMAGES

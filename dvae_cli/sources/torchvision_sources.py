@@ -73,7 +73,7 @@ class TorchvisionSource:
             class_names = tuple(train.classes)
         self.info = DatasetInfo(source=config.dataset, image_size=config.image_size, channels=config.channels,
                                 num_classes=len(class_names), class_names=class_names)
-        self.skipped = 0
+        self.skipped: list[str] = []
 
     def __len__(self) -> int:
         return len(self.split)

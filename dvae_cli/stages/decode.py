@@ -97,7 +97,7 @@ def decode_batches(model: DiscreteVAE, codes: CodesFile, rows: range, batch_size
 
 def write_decoded_dataset(codes: CodesFile, rows: range, batches: Iterator[tuple[range, Tensor]], path: Path,
                           weights_sha256: str, advance: Advance) -> None:
-    """A dataset file of the decoded images, with the split, labels and factors of the same rows."""
+    """A dataset file of the decoded images, with the split, labels, factors and source paths of the same rows."""
     info = codes.dataset_info
     provenance = {"decoded_from": str(codes.path), "rows": [rows.start, rows.stop], "model": codes.family,
                   "weights_sha256": weights_sha256}
@@ -106,7 +106,8 @@ def write_decoded_dataset(codes: CodesFile, rows: range, batches: Iterator[tuple
     try:
         for batch_rows, images in batches:
             copied = codes.read_rows(batch_rows.start, batch_rows.stop, codes.dataset_row_names())
-            writer.append(DatasetChunk(images=to_uint8(images), **copied))
+            writer.append(DatasetChunk(images=to_uint8(images), **copied,
+                                       source_paths=codes.source_paths(batch_rows.start, batch_rows.stop)))
             advance(len(batch_rows))
         writer.finish(codes.split[rows.start:rows.stop])
     finally:

@@ -11,6 +11,7 @@ file is byte for byte the one a single process writes.
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import time
@@ -38,6 +39,7 @@ from dvae_cli.formats.codes import (
     create_codes_file,
     create_latent_datasets,
     latent_specs,
+    new_codes_file,
 )
 from dvae_cli.formats.dataset import DatasetFile, DatasetInfo
 from dvae_cli.formats.model_folder import LoadedModel, load_model
@@ -176,7 +178,7 @@ def _write_codes_file(job: EncodeJob, rows: range, loaded: LoadedModel, paths: E
                          dataset=paths.dataset, dataset_sha256=sha256_file(paths.dataset), dataset_info=dataset.info,
                          precision=PRECISION_NAMES[job.runtime.autocast_dtype],
                          latent_attributes=loaded.model.latent_attributes())
-    with atomic_path(paths.out) as tmp, h5py.File(tmp, "w") as file:
+    with atomic_path(paths.out) as tmp, new_codes_file(tmp) as file:
         latent_datasets = create_codes_file(file, header, dataset, job.model, job.specs, job.rows_per_chunk)
         encode_started = time.perf_counter()
         with ChunkedRowWriter(latent_datasets, job.specs, first_row=0) as write, \
@@ -204,6 +206,8 @@ def _write_codes_file(job: EncodeJob, rows: range, loaded: LoadedModel, paths: E
                         shard.unlink(missing_ok=True)
         encode_seconds = time.perf_counter() - encode_started
         arrays = {name: f"{array.dtype} {list(array.shape)}" for name, array in file.items()}
+        for name in json.loads(file.attrs["model_arrays"]):
+            arrays[f"{name} (attribute)"] = f"{file.attrs[name].dtype} {list(file.attrs[name].shape)}"
     return arrays, encode_seconds
 
 

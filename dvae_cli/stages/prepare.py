@@ -16,6 +16,8 @@ from dvae_cli.params import Params
 from dvae_cli.sources import open_source
 
 ROWS_PER_READ = 8192
+SKIPPED_SHOWN = 5
+"""Skipped files named in the summary and in errors; the rest are counted."""
 
 
 @dataclass(frozen=True)
@@ -23,9 +25,16 @@ class PrepareSummary:
     path: Path
     info: DatasetInfo
     split_counts: dict[str, int]
-    skipped: int
+    skipped: list[str]
+    """The unreadable files left out, relative to data.root."""
     file_bytes: int
     seconds: float
+
+
+def describe_skipped(names: list[str]) -> str:
+    """`3: a.png, b.png, c.png`: how many files were skipped and the first SKIPPED_SHOWN of them."""
+    shown = ", ".join(names[:SKIPPED_SHOWN]) + (", …" if len(names) > SKIPPED_SHOWN else "")
+    return f"{len(names):,}: {shown}"
 
 
 def select_subset(num_rows: int, subset: int | float | None, rng: np.random.Generator) -> np.ndarray:
@@ -75,8 +84,8 @@ def prepare_data(params: Params, out: Path, show_progress: bool = True) -> Prepa
                     writer.append(source.read(batch))
                     advance(len(batch))
             if writer.num_rows == 0:
-                raise UserError(f"none of the {len(rows)} images of {params.data.root} could be read; "
-                                "check that data.root holds image files")
+                raise UserError(f"none of the {len(rows)} images of {params.data.root} could be read "
+                                f"({describe_skipped(source.skipped)}); check that data.root holds image files")
             official = source.official_split()
             split = assign_split(writer.num_rows, params.data.split, split_rng,
                                  None if official is None else official[rows])
