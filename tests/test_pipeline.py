@@ -27,16 +27,22 @@ def merged(base: dict, changes: dict) -> dict:
             for key, value in {**base, **changes}.items()}
 
 
-# The shipped params.yaml (DVC needs every key a stage tracks) with the tiny sizes of the test suite.
+# The shipped params.yaml (DVC needs every key a stage tracks) with the tiny sizes of the test suite (and the
+# shipped 6 continuous dimensions, which dvc.yaml's KL chart names).
 PIPELINE_PARAMS = merged(yaml.safe_load((PROJECT / "params.yaml").read_text()),
-                         {**TINY_PARAMS, "jointvae": {**TINY_PARAMS["jointvae"], "epochs": 4}})
+                         {**TINY_PARAMS, "jointvae": {**TINY_PARAMS["jointvae"], "epochs": 4, "continuous": 6}})
 FAMILIES = ("jointvae", "vqvae")
 ARTIFACTS = ["data/prepared/dataset.h5"] + [
-    path for family in FAMILIES for path in (f"models/{family}/model.safetensors", f"data/codes/{family}.h5",
-                                             f"metrics/{family}.json")]
+    path for family in FAMILIES for path in (f"models/{family}/model.safetensors", f"models/{family}/config.json",
+                                             f"data/codes/{family}.h5", f"metrics/{family}.json")]
+CHARTS = {"jointvae-loss", "jointvae-kl-z", "jointvae-kl-c", "jointvae-reconstruction", "jointvae-disentanglement",
+          "vqvae-loss", "vqvae-loss-terms", "vqvae-code-usage", "vqvae-perplexity", "vqvae-reconstruction"}
+PICTURES = {"renders/jointvae/traversals.png", "renders/jointvae/discrete_x_continuous.png",
+            "renders/jointvae/reconstructions.png", "renders/jointvae/samples.png", "renders/vqvae/reconstructions.png",
+            "renders/vqvae/code_maps.png", "renders/vqvae/codebook.png", "renders/vqvae/code_usage.csv"}
 
 
-def make_project(folder: Path) -> Path:
+def make_project(folder: Path, params: dict = PIPELINE_PARAMS) -> Path:
     folder.mkdir(parents=True)
     for name in COPIED:
         source, target = PROJECT / name, folder / name
@@ -45,7 +51,7 @@ def make_project(folder: Path) -> Path:
             shutil.copytree(source, target, ignore=shutil.ignore_patterns("__pycache__"))
         else:
             shutil.copy2(source, target)
-    (folder / "params.yaml").write_text(yaml.safe_dump(PIPELINE_PARAMS, sort_keys=False))
+    (folder / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     run(["git", "init", "-q"], folder)
     run(["git", "add", "-A"], folder)
     run(["git", "-c", "user.name=test", "-c", "user.email=test@example.com", "commit", "-qm", "project"], folder)
@@ -66,8 +72,8 @@ def stages_run(output: str) -> set[str]:
     return {line.split("'")[1] for line in output.splitlines() if line.startswith("Running stage '")}
 
 
-def digests(folder: Path) -> dict[str, str]:
-    return {path: hashlib.sha256((folder / path).read_bytes()).hexdigest() for path in ARTIFACTS}
+def digests(folder: Path, paths: list[str] = ARTIFACTS) -> dict[str, str]:
+    return {path: hashlib.sha256((folder / path).read_bytes()).hexdigest() for path in paths}
 
 
 @pytest.fixture(scope="module")
@@ -101,17 +107,35 @@ def test_dvc_shows_metrics_and_plots(project: Path) -> None:
     for key in ("metrics/jointvae.json", "metrics/vqvae.json", "dvclive/jointvae/metrics.json", "negative_elbo",
                 "perplexity", "mig"):
         assert key in shown, key
-    plots = run(["dvc", "plots", "show", "--json"], project)
-    for picture in ("renders/jointvae/traversals.png", "renders/vqvae/code_maps.png", "renders/vqvae/code_usage.csv",
-                    "dvclive/vqvae/plots/metrics/train/loss.tsv"):
-        assert picture in plots, picture
+    plots = json.loads(run(["dvc", "plots", "show", "--json"], project))
+    assert set(plots["data"]) == CHARTS | PICTURES and "errors" not in plots
+    kl_z = plots["data"]["jointvae-kl-z"][0]["content"]["data"]["values"]
+    assert {point["field"] for point in kl_z} == {f"train/kl_z_{i}" for i in range(6)} | {"train/kl_z",
+                                                                                          "train/capacity_z"}
+
+
+def test_a_fresh_clone_draws_the_committed_curves_and_pictures(project: Path, tmp_path: Path) -> None:
+    """What git keeps is enough for `dvc plots show`: no DVC cache, no remote."""
+    run(["git", "add", "-A"], project)
+    run(["git", "-c", "user.name=test", "-c", "user.email=test@example.com", "commit", "-qm", "run"], project)
+    assert run(["git", "ls-files", "models"], project).split() == ["models/jointvae/.gitignore",
+                                                                   "models/vqvae/.gitignore"]
+    run(["git", "clone", "-q", str(project), str(tmp_path / "clone")], tmp_path)
+    clone = tmp_path / "clone"
+    plots = json.loads(run(["dvc", "plots", "show", "--json"], clone))
+    assert set(plots["data"]) == CHARTS | PICTURES and "errors" not in plots
+    output = run(["dvc", "plots", "show", "-o", "page"], clone)
+    assert "failed" not in output and (clone / "page" / "index.html").exists()
 
 
 def test_forced_train_of_a_finished_run_resumes_at_its_end_and_changes_nothing(project: Path) -> None:
-    before = (project / "dvclive" / "vqvae" / "metrics.json").read_text()
+    """DVC deletes the stage's outputs first; the checkpoint, no output, stays and rebuilds the DVCLive folder."""
+    live = ["dvclive/vqvae/metrics.json", "dvclive/vqvae/plots/train.json", "dvclive/vqvae/plots/epoch.json",
+            "dvclive/vqvae/plots/eval.json", "models/vqvae/config.json"]
+    before = digests(project, live)
     output = run(["dvc", "repro", "--force", "--single-item", "train@vqvae"], project)
     assert "vqvae: resumed from step 30" in output
-    assert (project / "dvclive" / "vqvae" / "metrics.json").read_text() == before
+    assert digests(project, live) == before
     assert stages_run(run(["dvc", "repro"], project)) == set()
 
 
@@ -145,3 +169,20 @@ def test_a_killed_repro_resumes_and_two_clones_give_identical_files(project: Pat
     summary = json.loads((clone / "dvclive" / "jointvae" / "metrics.json").read_text())
     assert summary["step"] == 60 and "loss" in summary["train"], "the resumed run keeps its DVCLive summary"
     assert digests(clone) == digests(project)
+
+
+def test_returning_to_an_experiment_restores_it_from_the_run_cache(tmp_path: Path) -> None:
+    """Experiment A, experiment B, A again: the third trains nothing and its files are A's, byte for byte."""
+    folder = make_project(tmp_path / "project", {**PIPELINE_PARAMS, "models": ["vqvae"]})
+    outputs = ["models/vqvae/model.safetensors", "models/vqvae/config.json", "data/codes/vqvae.h5",
+               "metrics/vqvae.json", "dvclive/vqvae/metrics.json", "dvclive/vqvae/plots/train.json",
+               "dvclive/vqvae/plots/epoch.json", "dvclive/vqvae/plots/eval.json",
+               *sorted(picture for picture in PICTURES if picture.startswith("renders/vqvae/"))]
+    learning_rate = PIPELINE_PARAMS["vqvae"]["lr"]
+    assert "train@vqvae" in stages_run(run(["dvc", "exp", "run", "-S", f"vqvae.lr={learning_rate}"], folder))
+    first = digests(folder, outputs)
+    assert "train@vqvae" in stages_run(run(["dvc", "exp", "run", "-S", f"vqvae.lr={2 * learning_rate}"], folder))
+    assert digests(folder, outputs) != first
+    again = run(["dvc", "exp", "run", "-S", f"vqvae.lr={learning_rate}"], folder)
+    assert stages_run(again) == set() and "Stage 'train@vqvae' is cached" in again
+    assert digests(folder, outputs) == first

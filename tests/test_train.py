@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -43,15 +44,27 @@ def write_params(folder: Path, **changes: Any) -> Path:
     return path
 
 
-def run_training(folder: Path, dataset: Path, family: str, restart: bool = False, **changes: Any) -> Path:
+def run_training(folder: Path, dataset: Path, family: str, restart: bool = False, restart_on_mismatch: bool = False,
+                 **changes: Any) -> Path:
     params = load_params(write_params(folder, **changes))
     paths = TrainPaths(dataset, folder / "models" / family, folder / "dvclive" / family)
-    train(params, family, paths, restart=restart, show_progress=False)
+    train(params, family, paths, restart=restart, restart_on_mismatch=restart_on_mismatch, show_progress=False)
     return paths.model_dir
 
 
 def weights_bytes(model_dir: Path) -> bytes:
     return (model_dir / "model.safetensors").read_bytes()
+
+
+def curve(folder: Path, family: str, kind: str) -> list[dict[str, Any]]:
+    """The rows of DVCLive curve `kind` (train, epoch, eval) of a run in `folder`."""
+    return json.loads((folder / "dvclive" / family / "plots" / f"{kind}.json").read_text())
+
+
+def series(folder: Path, family: str, name: str) -> list[tuple[int, float]]:
+    """The (step, value) points of figure `name` of a run in `folder`."""
+    kind = name.split("/")[0] if name.split("/")[0] in ("train", "eval") else "epoch"
+    return [(row["step"], row[name]) for row in curve(folder, family, kind)]
 
 
 def test_pixel_variance_is_exact() -> None:
@@ -69,8 +82,7 @@ def test_epoch_permutation_depends_on_seed_and_epoch_only() -> None:
 def test_short_run_learns(tmp_path: Path, tiny_dataset: Path, family: str) -> None:
     model_dir = run_training(tmp_path, tiny_dataset, family, **{f"{family}.epochs": 4, f"{family}.lr": 2e-3,
                                                                "train.log_every": 1})
-    history = (tmp_path / "dvclive" / family / "plots" / "metrics" / "train" / "loss.tsv").read_text().splitlines()
-    losses = [float(line.split("\t")[-1]) for line in history[1:]]
+    losses = [value for _, value in series(tmp_path, family, "train/loss")]
     assert len(losses) == 60
     assert sum(losses[-10:]) / 10 < 0.8 * sum(losses[:10]) / 10
     record = json.loads((model_dir / "config.json").read_text())
@@ -88,9 +100,13 @@ def test_vqvae_keeps_most_of_a_64_code_book(tmp_path: Path, tiny_dataset: Path) 
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_same_seed_same_bytes(tmp_path: Path, tiny_dataset: Path, family: str) -> None:
+    """The whole model folder: no timing or host fact in config.json (DVCLive has the images/s)."""
     first = run_training(tmp_path / "a", tiny_dataset, family)
     second = run_training(tmp_path / "b", tiny_dataset, family)
     assert weights_bytes(first) == weights_bytes(second)
+    assert (first / "config.json").read_bytes() == (second / "config.json").read_bytes()
+    assert "images_per_second" not in (first / "config.json").read_text()
+    assert series(tmp_path / "a", family, "train/images_per_second")
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -127,12 +143,6 @@ def test_killed_and_resumed_equals_uninterrupted(tmp_path: Path, tiny_dataset: P
     assert weights_bytes(folder / "models" / family) == weights_bytes(uninterrupted)
 
 
-def series(folder: Path, family: str, name: str) -> list[list[str]]:
-    """The rows (step, value) of DVCLive series `name` of a run in `folder`."""
-    rows = (folder / "dvclive" / family / "plots" / "metrics" / f"{name}.tsv").read_text().splitlines()
-    return [row.split("\t") for row in rows[1:]]
-
-
 @pytest.mark.parametrize(("family", "figures"), [
     ("jointvae", ["eval/factors/mig", "eval/factors/factorvae_score", "eval/labels/discrete_0/hungarian_accuracy"]),
     ("vqvae", ["eval/reconstruction/normalized_mse", "eval/codes/perplexity"]),
@@ -142,22 +152,29 @@ def test_periodic_evaluation_logs_its_curves_at_its_steps(tmp_path: Path, tiny_d
     run_training(tmp_path, tiny_dataset, family, **{"train.eval_every": 12})
     for figure in figures:
         rows = series(tmp_path, family, figure)
-        assert [int(step) for step, _ in rows] == [12, 24, 30], figure  # every 12 steps, and the last of the 30
-        assert all(0 <= float(value) for _, value in rows), figure
+        assert [step for step, _ in rows] == [12, 24, 30], figure  # every 12 steps, and the last of the 30
+        assert all(0 <= value for _, value in rows), figure
 
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_periodic_evaluation_changes_no_training_byte(tmp_path: Path, tiny_dataset: Path, family: str) -> None:
     without = run_training(tmp_path / "off", tiny_dataset, family, **{"train.eval_every": None})
     evaluated = run_training(tmp_path / "on", tiny_dataset, family, **{"train.eval_every": 7})
-    assert not (tmp_path / "off" / "dvclive" / family / "plots" / "metrics" / "eval").exists()
+    assert not (tmp_path / "off" / "dvclive" / family / "plots" / "eval.json").exists()
     assert weights_bytes(evaluated) == weights_bytes(without)
     states = [load_checkpoint(folder / "checkpoint.pt", family) for folder in (without, evaluated)]
     assert torch.equal(states[0]["rng"]["torch"], states[1]["rng"]["torch"])
 
 
-def test_resume_continues_the_curves_without_repeating_steps(tmp_path: Path, tiny_dataset: Path) -> None:
-    """Rows logged after the last checkpoint of a killed run are logged once, by the resumed run, as uninterrupted."""
+def without_timings(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    return [{name: value for name, value in row.items() if name != "train/images_per_second"} for row in rows]
+
+
+@pytest.mark.parametrize("deleted", [False, True])
+def test_resume_continues_the_curves_without_repeating_steps(tmp_path: Path, tiny_dataset: Path,
+                                                             deleted: bool) -> None:
+    """Rows logged after the last checkpoint of a killed run are logged once, by the resumed run, as uninterrupted;
+    the DVCLive folder is rebuilt from the checkpoint, also when it is gone (DVC deletes a stage's outputs)."""
     family = "vqvae"
     run_training(tmp_path / "whole", tiny_dataset, family, **{"train.eval_every": 10})
     parts = tmp_path / "parts"
@@ -166,9 +183,18 @@ def test_resume_continues_the_curves_without_repeating_steps(tmp_path: Path, tin
     at_step_20 = checkpoint.read_bytes()
     run_training(parts, tiny_dataset, family, **{"train.max_steps": 25, "train.eval_every": 10})
     checkpoint.write_bytes(at_step_20)  # as if killed after logging step 25, before its checkpoint
+    if deleted:
+        shutil.rmtree(parts / "dvclive")
     run_training(parts, tiny_dataset, family, **{"train.eval_every": 10})
-    for name in ("train/loss", "train/recon", "eval/reconstruction/mse"):
-        assert series(parts, family, name) == series(tmp_path / "whole", family, name), name
+    # not the epoch rows: the run that max_steps stopped at 20 logged an epoch's end there
+    for kind in ("train", "eval"):
+        assert without_timings(curve(parts, family, kind)) == without_timings(curve(tmp_path / "whole", family, kind))
+    summaries = [json.loads((folder / "dvclive" / family / "metrics.json").read_text())
+                 for folder in (parts, tmp_path / "whole")]
+    for summary in summaries:
+        summary["train"].pop("images_per_second")
+    assert summaries[0]["step"] == summaries[1]["step"] == 30
+    assert (summaries[0]["train"], summaries[0]["eval"]) == (summaries[1]["train"], summaries[1]["eval"])
 
 
 def test_changed_params_refuse_to_resume_until_restart(tmp_path: Path, tiny_dataset: Path) -> None:
@@ -177,6 +203,27 @@ def test_changed_params_refuse_to_resume_until_restart(tmp_path: Path, tiny_data
         run_training(tmp_path, tiny_dataset, "vqvae", **{"vqvae.num_codes": 32})
     run_training(tmp_path, tiny_dataset, "vqvae", restart=True, **{"vqvae.num_codes": 32, "train.max_steps": 5})
     assert load_checkpoint(tmp_path / "models" / "vqvae" / "checkpoint.pt", "vqvae")["step"] == 5
+
+
+def test_a_checkpoint_past_the_run_or_of_an_older_format_starts_over_only_when_asked(tmp_path: Path,
+                                                                                     tiny_dataset: Path) -> None:
+    """A longer run's state cannot be wound back to this run's last step: another error, or a fresh start."""
+    fresh = run_training(tmp_path / "fresh", tiny_dataset, "vqvae", **{"train.max_steps": 5})
+    folder = tmp_path / "longer"
+    run_training(folder, tiny_dataset, "vqvae", **{"train.max_steps": 10})
+    with pytest.raises(UserError, match=r"is at step 10, past this run's 5 steps; pass --restart"):
+        run_training(folder, tiny_dataset, "vqvae", **{"train.max_steps": 5})
+    model_dir = run_training(folder, tiny_dataset, "vqvae", restart_on_mismatch=True, **{"train.max_steps": 5})
+    assert weights_bytes(model_dir) == weights_bytes(fresh)
+    assert [step for step, _ in series(folder, "vqvae", "train/loss")] == [5]
+
+    checkpoint = model_dir / "checkpoint.pt"
+    state = load_checkpoint(checkpoint, "vqvae")
+    torch.save({**state, "format_version": 1}, checkpoint)
+    with pytest.raises(UserError, match=r"has format version 1, this dvae reads 2; pass --restart"):
+        run_training(folder, tiny_dataset, "vqvae", **{"train.max_steps": 5})
+    run_training(folder, tiny_dataset, "vqvae", restart_on_mismatch=True, **{"train.max_steps": 5})
+    assert load_checkpoint(checkpoint, "vqvae")["format_version"] == 2
 
 
 def test_more_epochs_resume_instead_of_restarting(tmp_path: Path, tiny_dataset: Path) -> None:

@@ -1,4 +1,8 @@
-"""`checkpoint.pt`: the resumable training state (`TrainState`), saved atomically, loaded with weights_only=True."""
+"""`checkpoint.pt`: the resumable training state (`TrainState`), saved atomically, loaded with weights_only=True.
+
+It lives in the model folder but is no DVC output: DVC keeps it when it deletes a stage's outputs before running
+the stage (so a killed `dvc repro` resumes), and a stage with a persistent output never enters DVC's run cache.
+"""
 
 from __future__ import annotations
 
@@ -15,7 +19,7 @@ from dvae_cli.core.errors import UserError
 from dvae_cli.core.files import atomic_path
 
 FORMAT = "dvae-checkpoint"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 
 
 @dataclass
@@ -33,15 +37,15 @@ class TrainState:
     step: int = 0
     epoch_counts: dict[str, Tensor] = field(default_factory=dict)
     """The current epoch's summed per-batch counts (squared error, pixels, code usage, ...)."""
-    logged: dict[str, float] = field(default_factory=dict)
-    """The figures last logged (the run's final metrics)."""
+    history: list[list[Any]] = field(default_factory=list)
+    """Every row logged so far, in order, as [step, kind, {name: value}]: what the DVCLive folder is rebuilt from."""
 
     def capture(self) -> dict[str, Any]:
         on_cuda = self.device.type == "cuda"
         return {"family": self.family, "fingerprint": self.fingerprint, "step": self.step,
                 "model": {k: v.contiguous() for k, v in self.model.state_dict().items()},
                 "optimizer": self.optimizer.state_dict(), "scaler": self.scaler.state_dict(),
-                "epoch_counts": self.epoch_counts, "logged": self.logged,
+                "epoch_counts": self.epoch_counts, "history": self.history,
                 "rng": {"torch": torch.get_rng_state(),
                         "cuda": torch.cuda.get_rng_state(self.device) if on_cuda else None}}
 
@@ -49,7 +53,7 @@ class TrainState:
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scaler.load_state_dict(state["scaler"])
-        self.step, self.epoch_counts, self.logged = state["step"], state["epoch_counts"], state["logged"]
+        self.step, self.epoch_counts, self.history = state["step"], state["epoch_counts"], state["history"]
         torch.set_rng_state(state["rng"]["torch"])
         if self.device.type == "cuda" and state["rng"]["cuda"]:
             torch.cuda.set_rng_state(state["rng"]["cuda"], self.device)
@@ -60,8 +64,9 @@ def save_checkpoint(path: Path, state: TrainState) -> None:
         torch.save({"format": FORMAT, "format_version": FORMAT_VERSION, **state.capture()}, tmp)
 
 
-def load_checkpoint(path: Path, family: str) -> dict[str, Any]:
-    """The checkpoint's state; every way it can be wrong (pickled code, damage, other family) is a UserError."""
+def read_checkpoint(path: Path, family: str) -> dict[str, Any]:
+    """The checkpoint's state, of any format version; every way it can be unreadable (pickled code, damage, another
+    program's file, another family) is a UserError."""
     fix = f"delete it or pass --restart to start {family} training over"
     if not zipfile.is_zipfile(path):
         raise UserError(f"checkpoint {path} is truncated or damaged; {fix}")
@@ -73,11 +78,17 @@ def load_checkpoint(path: Path, family: str) -> dict[str, Any]:
         raise UserError(f"checkpoint {path} is truncated or damaged; {fix}") from None
     if not isinstance(state, dict) or state.get("format") != FORMAT:
         raise UserError(f"{path} is not a dvae checkpoint; {fix}")
-    if state.get("format_version") != FORMAT_VERSION:
-        raise UserError(f"checkpoint {path} has format version {state.get('format_version')}, this dvae reads "
-                        f"{FORMAT_VERSION}; {fix}")
     if state.get("family") != family:
         raise UserError(f"checkpoint {path} belongs to a {state.get('family')} model, not {family}; {fix}")
+    return state
+
+
+def load_checkpoint(path: Path, family: str) -> dict[str, Any]:
+    """The checkpoint's state, which this dvae can resume; anything else is a UserError."""
+    state = read_checkpoint(path, family)
+    if state.get("format_version") != FORMAT_VERSION:
+        raise UserError(f"checkpoint {path} has format version {state.get('format_version')}, this dvae reads "
+                        f"{FORMAT_VERSION}; delete it or pass --restart to start {family} training over")
     return state
 
 
@@ -94,14 +105,21 @@ def first_difference(old: dict[str, Any], new: dict[str, Any], prefix: str = "")
     return ""
 
 
-def resume(state: TrainState, path: Path, restart_on_mismatch: bool) -> None:
-    """Restore `state` from the checkpoint at `path` when it was made with the same fingerprint.
+def resume(state: TrainState, path: Path, total_steps: int, restart_on_mismatch: bool) -> None:
+    """Restore `state` from the checkpoint at `path` when this run can go on from it: same format version and
+    fingerprint, at most `total_steps` steps done (a longer run's state cannot be wound back).
 
-    Another fingerprint is an error, or (with `restart_on_mismatch`) leaves `state` as it is, to start over.
+    Anything else is an error, or (with `restart_on_mismatch`) leaves `state` as it is, to start over.
     """
-    saved = load_checkpoint(path, state.family)
-    difference = first_difference(saved["fingerprint"], state.fingerprint)
-    if difference and not restart_on_mismatch:
-        raise UserError(f"checkpoint {path} was made with other settings ({difference}); pass --restart to start over")
-    if not difference:
+    saved = read_checkpoint(path, state.family)
+    if saved.get("format_version") != FORMAT_VERSION:
+        mismatch = f"has format version {saved.get('format_version')}, this dvae reads {FORMAT_VERSION}"
+    elif difference := first_difference(saved["fingerprint"], state.fingerprint):
+        mismatch = f"was made with other settings ({difference})"
+    elif saved["step"] > total_steps:
+        mismatch = f"is at step {saved['step']}, past this run's {total_steps} steps"
+    else:
         state.restore(saved)
+        return
+    if not restart_on_mismatch:
+        raise UserError(f"checkpoint {path} {mismatch}; pass --restart to start over")

@@ -21,6 +21,7 @@ from dvae_cli.families import FAMILIES, DataShape, DiscreteVAE
 WEIGHTS = "model.safetensors"
 CONFIG = "config.json"
 CHECKPOINT = "checkpoint.pt"
+"""The resumable training state (`formats.checkpoint`), kept beside the model but no part of it (nor a DVC output)."""
 
 
 @dataclass
@@ -42,7 +43,8 @@ def contiguous_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 def save_model(folder: Path, family: str, model: DiscreteVAE, config: Any, data: DataShape,
                extra: dict[str, Any]) -> str:
-    """Write weights then config.json (each atomically); returns the weights' sha256."""
+    """Write weights then config.json (each atomically); returns the weights' sha256. `extra` holds no timings or
+    host facts, so that equal weights give equal files."""
     # One metadata key only: safetensors keeps metadata in a hash map, so several keys come out in varying order.
     weights = save(contiguous_state_dict(model), metadata={"format": "dvae-weights"})
     write_bytes_atomic(folder / WEIGHTS, weights)

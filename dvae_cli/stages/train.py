@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import json
+import math
 import time
 from collections import defaultdict
 from dataclasses import dataclass
@@ -26,7 +28,7 @@ from torch.nn.parallel import DistributedDataParallel
 from dvae_cli import __version__
 from dvae_cli.core.distributed import all_reduce_sum, join_cluster, leave_cluster
 from dvae_cli.core.errors import TrainingDiverged, UserError
-from dvae_cli.core.files import sha256_file
+from dvae_cli.core.files import sha256_file, write_bytes_atomic
 from dvae_cli.core.progress import progress_bar
 from dvae_cli.core.runtime import Runtime, keep_freed_host_memory, resolve_runtime
 from dvae_cli.families import DataShape, DiscreteVAE, LossOutput, get_family
@@ -48,6 +50,11 @@ VAL_IMAGES = 2048
 EVAL_IMAGES = 1000
 """Validation images in the fixed seeded sample scored every train.eval_every steps."""
 EVAL_BATCH = 500
+CURVES = ("train", "epoch", "eval")
+"""The kinds of logged rows, each a file `dvclive/M/plots/KIND.json`: the interval means every train.log_every
+steps, the figures at each epoch's end (validation loss among them), the periodic evaluation."""
+TIMINGS = ("train/images_per_second",)
+"""Wall-clock figures: logged to DVCLive, never written to the model folder (equal weights give equal files)."""
 
 
 @dataclass(frozen=True)
@@ -211,39 +218,66 @@ class Meter:
         return figures
 
 
-def drop_rows_after(plots: Path, step: int) -> None:
-    """Remove the rows logged after `step` from every DVCLive series under `plots` (a run killed after its last
-    checkpoint logged them, and the resumed run logs those steps again)."""
-    for series in plots.rglob("*.tsv"):
-        header, *rows = series.read_text().splitlines(keepends=True)
-        column = header.rstrip("\n").split("\t").index("step")
-        kept = [row for row in rows if int(row.split("\t")[column]) <= step]
-        if len(kept) < len(rows):
-            series.write_text(header + "".join(kept))
+def finite_or_none(value: float) -> float | None:
+    return value if math.isfinite(value) else None
 
 
 class Logger:
-    """DVCLive on rank 0 (dvc.yaml is declared by hand, so DVCLive must not write one)."""
+    """Appends each logged row to the run's history (`TrainState.history`, kept in the checkpoint) and, on rank 0,
+    gives it to DVCLive, whose summary `metrics.json` follows every row; the curves, `plots/KIND.json` (a JSON list of
+    rows), are written from the history at each checkpoint and at the end. The folder is started over from the
+    history, so a resumed run has each step once and the folder can be a fresh DVC output (DVC deletes a stage's
+    outputs before running it). dvc.yaml is declared by hand, so DVCLive must not write one."""
 
-    def __init__(self, live_dir: Path, resumed_from: int, enabled: bool) -> None:
-        self.live = None
+    def __init__(self, live_dir: Path, history: list[list[Any]], enabled: bool) -> None:
+        self.live, self.plots, self.history = None, live_dir / "plots", history
         if enabled:
             from dvclive import Live
-            if resumed_from:
-                drop_rows_after(live_dir / "plots" / "metrics", resumed_from)
-            self.live = Live(str(live_dir), resume=resumed_from > 0, dvcyaml=None, save_dvc_exp=False, report=None)
+            self.live = Live(str(live_dir), resume=False, dvcyaml=None, save_dvc_exp=False, report=None)
+            for step, _, values in history:
+                self.summarize(step, values)
+            if history:
+                self.live.make_summary()
+            self.write_curves()
 
-    def log(self, step: int, values: dict[str, float]) -> None:
-        if self.live is None:
-            return
+    def summarize(self, step: int, values: dict[str, float]) -> None:
+        """Into DVCLive's summary, as `make_summary` would (so a replayed history gives the same file's bytes)."""
         self.live.step = step
         for name, value in values.items():
-            self.live.log_metric(name, value)
-        self.live.sync()
+            self.live.log_metric(name, value, plot=False)
+        self.live.summary["step"] = step
+
+    def log(self, step: int, kind: str, values: dict[str, float]) -> None:
+        self.history.append([step, kind, values])
+        if self.live is not None:
+            self.summarize(step, values)
+            self.live.make_summary()
+
+    def write_curves(self) -> None:
+        if self.live is None:
+            return
+        for kind in CURVES:
+            path = self.plots / f"{kind}.json"
+            rows = [{"step": step, **{name: finite_or_none(value) for name, value in values.items()}}
+                    for step, row_kind, values in self.history if row_kind == kind]
+            if rows:  # one row a line: readable, and a longer run's file only grows in a diff
+                write_bytes_atomic(path, ("[\n" + ",\n".join(json.dumps(row) for row in rows) + "\n]\n").encode())
+            else:
+                path.unlink(missing_ok=True)
 
     def close(self) -> None:
         if self.live is not None:
+            self.write_curves()
             self.live.end()
+
+
+def final_metrics(history: list[list[Any]]) -> dict[str, float]:
+    """The last train and epoch figures (the final epoch ends at the last step), the finite ones."""
+    last: dict[str, float] = {}
+    for _, kind, values in history:
+        if kind != "eval":
+            last.update(values)
+    return {name: value for name, value in last.items() if math.isfinite(value)}
 
 
 def train(params: Params, family: str, paths: TrainPaths, restart: bool = False,
@@ -266,17 +300,17 @@ def train(params: Params, family: str, paths: TrainPaths, restart: bool = False,
     optimizer = torch.optim.Adam(model.parameters(), lr=config.lr)
     scaler = torch.amp.GradScaler(runtime.device.type, enabled=runtime.needs_grad_scaler)
     state = TrainState(family, run_fingerprint(params, family, data.sha256), model, optimizer, scaler, runtime.device)
-    if paths.checkpoint.exists() and not restart:
-        resume(state, paths.checkpoint, restart_on_mismatch)
-    resumed_from = state.step
     steps_per_epoch = len(data.train) // batch_size
     total_steps = min(config.epochs * steps_per_epoch, params.train.max_steps or config.epochs * steps_per_epoch)
+    if paths.checkpoint.exists() and not restart:
+        resume(state, paths.checkpoint, total_steps, restart_on_mismatch)
+    resumed_from = state.step
     model.train()
     model.set_rank_rows(cluster.rank * rank_batch, batch_size)
     network = DistributedDataParallel(model, broadcast_buffers=False) if cluster.distributed else model
     if params.runtime.compile:
         network = torch.compile(network)
-    logger = Logger(paths.live_dir, resumed_from, enabled=cluster.is_main)
+    logger = Logger(paths.live_dir, state.history, enabled=cluster.is_main)
     meter = Meter(runtime.device, state.step)
 
     try:
@@ -307,29 +341,29 @@ def train(params: Params, family: str, paths: TrainPaths, restart: bool = False,
                 add_batch_counts(state.epoch_counts, output, x)
 
                 if state.step % params.train.log_every == 0 or state.step == total_steps:
-                    state.logged = meter.flush(state.step, batch_size, optimizer.param_groups[0]["lr"])
-                    logger.log(state.step, state.logged)
-                    advance(0, info=f"epoch {epoch + 1}/{config.epochs} loss {state.logged['train/loss']:.4g} "
-                                    f"{state.logged['train/images_per_second']:.0f} img/s")
+                    figures = meter.flush(state.step, batch_size, optimizer.param_groups[0]["lr"])
+                    logger.log(state.step, "train", figures)
+                    advance(0, info=f"epoch {epoch + 1}/{config.epochs} loss {figures['train/loss']:.4g} "
+                                    f"{figures['train/images_per_second']:.0f} img/s")
                 if state.step % steps_per_epoch == 0 or state.step == total_steps:
-                    figures = epoch_figures(model, state.epoch_counts, data, state.step, steps_per_epoch, rank_batch,
-                                            runtime)
-                    logger.log(state.step, figures)
-                    state.logged.update(figures)
+                    logger.log(state.step, "epoch", epoch_figures(model, state.epoch_counts, data, state.step,
+                                                                  steps_per_epoch, rank_batch, runtime))
                     state.epoch_counts = {}
                 if data.eval_sample and (state.step % eval_every == 0 or state.step == total_steps):
-                    logger.log(state.step, score_sample(model, family, config, data.eval_sample, params, runtime))
+                    logger.log(state.step, "eval", score_sample(model, family, config, data.eval_sample, params,
+                                                                runtime))
                 if cluster.is_main and (state.step % params.train.checkpoint_every == 0 or state.step == total_steps):
                     save_checkpoint(paths.checkpoint, state)
+                    logger.write_curves()
                 advance(1)
     finally:
         logger.close()
         leave_cluster()
 
-    metrics = {name: value for name, value in state.logged.items() if np.isfinite(value)} if cluster.is_main else {}
+    metrics = final_metrics(state.history) if cluster.is_main else {}
     if cluster.is_main:
         save_model(paths.model_dir, family, model, config, data.shape, {
             "dataset_sha256": data.sha256, "seed": params.seed, "steps": state.step, "dvae_version": __version__,
-            "final_metrics": metrics})
+            "final_metrics": {name: value for name, value in metrics.items() if name not in TIMINGS}})
     return TrainResult(model=model, steps=state.step, resumed_from=resumed_from, metrics=metrics,
                        seconds=time.perf_counter() - started)
