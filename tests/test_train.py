@@ -20,7 +20,7 @@ import yaml
 
 from dvae_cli.core.errors import TrainingDiverged, UserError
 from dvae_cli.families.jointvae.model import JointVAE
-from dvae_cli.formats.checkpoint import load_checkpoint
+from dvae_cli.formats.checkpoint import read_checkpoint
 from dvae_cli.formats.dataset import pixel_histogram, pixel_variance
 from dvae_cli.params import load_params
 from dvae_cli.stages.prepare import prepare_data
@@ -113,7 +113,7 @@ def test_same_seed_same_bytes(tmp_path: Path, tiny_dataset: Path, family: str) -
 def test_stopped_and_resumed_equals_uninterrupted(tmp_path: Path, tiny_dataset: Path, family: str) -> None:
     uninterrupted = run_training(tmp_path / "whole", tiny_dataset, family)
     stopped = run_training(tmp_path / "parts", tiny_dataset, family, **{"train.max_steps": 13})
-    assert load_checkpoint(stopped / "checkpoint.pt", family)["step"] == 13
+    assert read_checkpoint(stopped / "checkpoint.pt", family)["step"] == 13
     resumed = run_training(tmp_path / "parts", tiny_dataset, family)
     assert weights_bytes(resumed) == weights_bytes(uninterrupted)
 
@@ -134,7 +134,7 @@ def test_killed_and_resumed_equals_uninterrupted(tmp_path: Path, tiny_dataset: P
         time.sleep(0.05)
     process.send_signal(signal.SIGKILL)
     process.wait()
-    step = load_checkpoint(checkpoint, family)["step"]
+    step = read_checkpoint(checkpoint, family)["step"]
     assert 0 < step < 90, "the run must be killed between its first checkpoint and its end"
     assert not (folder / "models" / family / "model.safetensors").exists()
     params_obj = load_params(params)
@@ -162,7 +162,7 @@ def test_periodic_evaluation_changes_no_training_byte(tmp_path: Path, tiny_datas
     evaluated = run_training(tmp_path / "on", tiny_dataset, family, **{"train.eval_every": 7})
     assert not (tmp_path / "off" / "dvclive" / family / "plots" / "eval.json").exists()
     assert weights_bytes(evaluated) == weights_bytes(without)
-    states = [load_checkpoint(folder / "checkpoint.pt", family) for folder in (without, evaluated)]
+    states = [read_checkpoint(folder / "checkpoint.pt", family) for folder in (without, evaluated)]
     assert torch.equal(states[0]["rng"]["torch"], states[1]["rng"]["torch"])
 
 
@@ -202,7 +202,7 @@ def test_changed_params_refuse_to_resume_until_restart(tmp_path: Path, tiny_data
     with pytest.raises(UserError, match=r"other settings \(vqvae.num_codes: 16 → 32\).*--restart"):
         run_training(tmp_path, tiny_dataset, "vqvae", **{"vqvae.num_codes": 32})
     run_training(tmp_path, tiny_dataset, "vqvae", restart=True, **{"vqvae.num_codes": 32, "train.max_steps": 5})
-    assert load_checkpoint(tmp_path / "models" / "vqvae" / "checkpoint.pt", "vqvae")["step"] == 5
+    assert read_checkpoint(tmp_path / "models" / "vqvae" / "checkpoint.pt", "vqvae")["step"] == 5
 
 
 def test_a_checkpoint_past_the_run_or_of_an_older_format_starts_over_only_when_asked(tmp_path: Path,
@@ -218,12 +218,12 @@ def test_a_checkpoint_past_the_run_or_of_an_older_format_starts_over_only_when_a
     assert [step for step, _ in series(folder, "vqvae", "train/loss")] == [5]
 
     checkpoint = model_dir / "checkpoint.pt"
-    state = load_checkpoint(checkpoint, "vqvae")
+    state = read_checkpoint(checkpoint, "vqvae")
     torch.save({**state, "format_version": 1}, checkpoint)
     with pytest.raises(UserError, match=r"has format version 1, this dvae reads 2; pass --restart"):
         run_training(folder, tiny_dataset, "vqvae", **{"train.max_steps": 5})
     run_training(folder, tiny_dataset, "vqvae", restart_on_mismatch=True, **{"train.max_steps": 5})
-    assert load_checkpoint(checkpoint, "vqvae")["format_version"] == 2
+    assert read_checkpoint(checkpoint, "vqvae")["format_version"] == 2
 
 
 def test_more_epochs_resume_instead_of_restarting(tmp_path: Path, tiny_dataset: Path) -> None:
@@ -242,7 +242,7 @@ def test_checkpoint_with_pickled_code_is_refused(tmp_path: Path) -> None:
     path = tmp_path / "checkpoint.pt"
     torch.save({"format": "dvae-checkpoint", "payload": Payload()}, path)
     with pytest.raises(UserError, match="pickled code"):
-        load_checkpoint(path, "jointvae")
+        read_checkpoint(path, "jointvae")
     assert not Path("pwned").exists() and not (tmp_path / "pwned").exists()
 
 
@@ -250,15 +250,15 @@ def test_damaged_and_foreign_checkpoints_are_refused(tmp_path: Path, tiny_datase
     model_dir = run_training(tmp_path, tiny_dataset, "vqvae", **{"train.max_steps": 3})
     checkpoint = model_dir / "checkpoint.pt"
     with pytest.raises(UserError, match="belongs to a vqvae model, not jointvae"):
-        load_checkpoint(checkpoint, "jointvae")
+        read_checkpoint(checkpoint, "jointvae")
     truncated = tmp_path / "truncated.pt"
     truncated.write_bytes(checkpoint.read_bytes()[:1000])
     with pytest.raises(UserError, match="truncated or damaged"):
-        load_checkpoint(truncated, "vqvae")
+        read_checkpoint(truncated, "vqvae")
     other = tmp_path / "other.pt"
     torch.save({"weights": torch.zeros(2)}, other)
     with pytest.raises(UserError, match="not a dvae checkpoint"):
-        load_checkpoint(other, "vqvae")
+        read_checkpoint(other, "vqvae")
 
 
 def test_divergence_stops_with_a_checkpoint_of_the_last_good_state(
@@ -275,7 +275,7 @@ def test_divergence_stops_with_a_checkpoint_of_the_last_good_state(
     with pytest.raises(TrainingDiverged, match="at step 7"):
         run_training(tmp_path, tiny_dataset, "jointvae")
     model_dir = tmp_path / "models" / "jointvae"
-    state = load_checkpoint(model_dir / "checkpoint.pt", "jointvae")
+    state = read_checkpoint(model_dir / "checkpoint.pt", "jointvae")
     assert state["step"] == 7
     assert all(torch.isfinite(t).all() for t in state["model"].values())
     assert not (model_dir / "model.safetensors").exists()

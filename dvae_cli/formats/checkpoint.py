@@ -83,15 +83,6 @@ def read_checkpoint(path: Path, family: str) -> dict[str, Any]:
     return state
 
 
-def load_checkpoint(path: Path, family: str) -> dict[str, Any]:
-    """The checkpoint's state, which this dvae can resume; anything else is a UserError."""
-    state = read_checkpoint(path, family)
-    if state.get("format_version") != FORMAT_VERSION:
-        raise UserError(f"checkpoint {path} has format version {state.get('format_version')}, this dvae reads "
-                        f"{FORMAT_VERSION}; delete it or pass --restart to start {family} training over")
-    return state
-
-
 def first_difference(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -> str:
     """The first key (sorted, depth first) whose value differs, as "key: old → new"; "" when equal."""
     for key in sorted(set(old) | set(new)):
