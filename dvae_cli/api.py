@@ -26,7 +26,7 @@ from dvae_cli.core.images import to_uint8
 from dvae_cli.core.runtime import Runtime, resolve_runtime
 from dvae_cli.core.schema import build
 from dvae_cli.families import DiscreteVAE
-from dvae_cli.families.base import as_tensor, float32_if_floating
+from dvae_cli.families.base import as_tensor, float32_if_floating, out_of_range_codes
 from dvae_cli.formats.codes import ArraySpec, latent_specs
 from dvae_cli.formats.model_folder import LoadedModel, load_model
 from dvae_cli.params import EncodeConfig, RuntimeConfig
@@ -172,15 +172,13 @@ class Model:
         if len(counts) > 1:
             raise UserError(f"the latent's arrays have different numbers of rows ({sorted(counts)}); pass the same "
                             "rows of each")
-        value_counts = self.network.code_value_counts()
         for name, values in arrays.items():
             row_shape = tuple(values.shape[1:])
             if row_shape != self.arrays[name].row_shape:
                 raise UserError(f"`{name}` has rows of shape {list(row_shape)} but {self._where()} makes "
                                 f"{list(self.arrays[name].row_shape)}; decode codes this model encoded")
-            if name in value_counts and len(values) and not (0 <= values.min() and values.max() < value_counts[name]):
-                raise UserError(f"`{name}` holds values outside 0…{value_counts[name] - 1}, the range of "
-                                f"{self._where()}; decode codes this model encoded")
+        if wrong := out_of_range_codes(self.network, arrays):
+            raise UserError(f"{wrong}, the range of {self._where()}; decode codes this model encoded")
         return arrays
 
 
@@ -192,14 +190,15 @@ def _model_latent(values: LatentArray) -> Tensor:
 
 
 def load(model_dir: Path | str, device: str = "auto", precision: str = "auto",
-         batch_size: int = EncodeConfig().batch_size) -> Model:
+         batch_size: int = EncodeConfig().batch_size, force: bool = False) -> Model:
     """The trained model in `model_dir` (a folder `dvae train` wrote), in evaluation mode on `device`.
 
     `device` (auto | cpu | cuda | cuda:N | mps) and `precision` (auto | fp32 | bf16 | fp16) mean what
     `runtime.device` and `runtime.precision` mean in params.yaml: auto picks the GPU and bf16 autocast when there
     is one, as the CLI does. `batch_size` is the images (or rows of codes) per batch, as `encode.batch_size`.
+    `force` takes weights that config.json's `weights_sha256` does not name (`--force` of the commands).
     """
     runtime = resolve_runtime(build(RuntimeConfig, {"device": device, "precision": precision}, "runtime"))
     batch_size = build(EncodeConfig, {"batch_size": batch_size}, "encode").batch_size
     folder = Path(model_dir)
-    return Model(load_model(folder, device=runtime.device), folder, runtime, batch_size)
+    return Model(load_model(folder, device=runtime.device, force=force), folder, runtime, batch_size)

@@ -19,10 +19,10 @@ from rich.table import Table
 
 from dvae_cli import __version__
 from dvae_cli.core.errors import UserError
-from dvae_cli.core.files import remove_pending_temporaries
+from dvae_cli.core.files import refused_write, remove_pending_temporaries
 from dvae_cli.core.progress import console
 from dvae_cli.families import FAMILIES, get_family
-from dvae_cli.params import Params, load_params, parse_set_options, parse_value
+from dvae_cli.params import Params, load_params, parse_set_options
 
 app = typer.Typer(add_completion=True, no_args_is_help=True, pretty_exceptions_enable=False,
                   rich_markup_mode=None,
@@ -56,6 +56,12 @@ def user_facing(function: F) -> F:
         except (typer.Exit, typer.Abort, typer.BadParameter):
             raise
         except Exception as error:
+            # A write refused outside the atomic writers (DVCLive's files, a folder made on the way).
+            named = isinstance(error, OSError) and error.filename
+            failure = refused_write(Path(error.filename), error) if named else None
+            if failure is not None:
+                typer.echo(f"error: {failure}", err=True)
+                raise typer.Exit(2) from None
             if _debug_enabled():
                 raise
             typer.echo(f"dvae: internal error: {type(error).__name__}: {error} (run with --debug for the traceback)",
@@ -108,8 +114,9 @@ def prepare_data_command(
     """Write the dataset file from a source (built-in dSprites, torchvision, an image folder)."""
     from dvae_cli.stages.prepare import describe_skipped, prepare_data
 
-    params = params_with(params_file, preset, set_, data__dataset=dataset, data__root=root,
-                         data__subset=None if subset is None else parse_value(subset),
+    # Through --set, where `null` (keep every image) is a value, not an absent flag.
+    subset_option = [] if subset is None else [f"data.subset={subset}"]
+    params = params_with(params_file, preset, [*(set_ or []), *subset_option], data__dataset=dataset, data__root=root,
                          data__image_size=image_size, data__channels=channels, seed=seed)
     summary = prepare_data(params, out)
     table = Table(title=f"{summary.path}")
@@ -129,6 +136,7 @@ def prepare_data_command(
 
 
 ModelOption = Annotated[str, typer.Option("--model", "-m", help=f"model family: {' | '.join(FAMILIES)}")]
+ForceOption = Annotated[bool, typer.Option(help="use weights that config.json's weights_sha256 does not name")]
 DatasetOption = Annotated[Path, typer.Option("--dataset", help="dataset file")]
 
 
@@ -195,6 +203,7 @@ def encode_command(
     out: Annotated[Path | None, typer.Option(help="codes file to write [default: data/codes/MODEL.h5]")] = None,
     batch_size: Annotated[int | None, typer.Option(help="override encode.batch_size")] = None,
     device: Annotated[str | None, typer.Option(help="override runtime.device")] = None,
+    force: ForceOption = False,
     set_: SetOption = None,
 ) -> None:
     """Encode every dataset row into a codes file (VQ-VAE code maps, JointVAE latents)."""
@@ -204,7 +213,7 @@ def encode_command(
     params = params_with(params_file, preset, set_, encode__batch_size=batch_size, runtime__device=device)
     paths = EncodePaths(dataset=dataset, model_dir=model_dir or Path("models") / family,
                         out=out or Path("data/codes") / f"{family}.h5")
-    result = encode_dataset(params, family, paths)
+    result = encode_dataset(params, family, paths, force=force)
     if result is None:  # a torchrun rank other than 0: rank 0 wrote the file
         return
     table = Table(title=f"{result.path}: {result.num_rows:,} rows")
@@ -225,7 +234,8 @@ def decode_command(
     out: Annotated[Path, typer.Option(help="output: a .png grid or a dataset-format .h5")],
     rows: Annotated[str | None, typer.Option(help="rows START:STOP to decode [default: the first 64]")] = None,
     model_dir: Annotated[Path | None, typer.Option(help="model folder [default: the one the codes file names]")] = None,
-    force: Annotated[bool, typer.Option(help="decode even when the model's weights are not the encoder's")] = False,
+    force: Annotated[bool, typer.Option(
+        help="decode even when the model's weights are not the encoder's, or not those config.json names")] = False,
     params_file: ParamsOption = Path("params.yaml"),
     preset: PresetOption = None,
     batch_size: Annotated[int | None, typer.Option(help="override encode.batch_size")] = None,
@@ -258,6 +268,7 @@ def evaluate_command(
     batch_size: Annotated[int | None, typer.Option(help="override evaluate.batch_size")] = None,
     device: Annotated[str | None, typer.Option(help="override runtime.device")] = None,
     seed: Annotated[int | None, typer.Option(help="override seed")] = None,
+    force: ForceOption = False,
     set_: SetOption = None,
 ) -> None:
     """Compute the metrics of a trained model on the test split (val when there is none) into metrics/MODEL.json."""
@@ -270,7 +281,7 @@ def evaluate_command(
     paths = EvaluatePaths(model_dir=model_dir or Path("models") / family, dataset=dataset,
                           codes=codes or Path("data/codes") / f"{family}.h5",
                           metrics=out or Path("metrics") / f"{family}.json")
-    result = evaluate(params, family, paths)
+    result = evaluate(params, family, paths, force=force)
     for note in result.notes:
         typer.echo(f"note: {note}", err=True)
     table = Table(title=f"{family}: {result.split_name} split, {result.num_images:,} images",
@@ -297,6 +308,7 @@ def render_command(
     steps: Annotated[int | None, typer.Option(help="override render.steps: columns of a traversal")] = None,
     seed: Annotated[int | None, typer.Option(help="override render.seed: prior samples and chosen images")] = None,
     device: Annotated[str | None, typer.Option(help="override runtime.device")] = None,
+    force: ForceOption = False,
     set_: SetOption = None,
 ) -> None:
     """Draw traversals, reconstructions, samples and code maps as PNGs (and code usage as a CSV)."""
@@ -305,7 +317,8 @@ def render_command(
     family = check_family(model)
     params = params_with(params_file, preset, set_, render__base_index=base, render__steps=steps, render__seed=seed,
                          runtime__device=device)
-    result = render(params, family, model_dir or Path("models") / family, dataset, out or Path("renders") / family)
+    result = render(params, family, model_dir or Path("models") / family, dataset, out or Path("renders") / family,
+                    force=force)
     for note in result.notes:
         typer.echo(f"note: {note}", err=True)
     table = Table(title=f"{result.folder}: {len(result.files)} files in {result.seconds:.1f} s")
@@ -357,10 +370,23 @@ def _terminate(signum: int, frame: object) -> None:
     # Raising from a signal handler is unreliable (an exception that lands in a finalizer is dropped, and h5py
     # runs many), so remove the temporary files being written and exit at once: no artifact looks complete.
     remove_pending_temporaries()
+    os.write(2, b"interrupted\n" if signum == signal.SIGINT else b"terminated\n")
     os._exit(128 + signum)
 
 
 def run() -> None:
-    """Console-script entry point: SIGTERM removes the temporary files being written, then exits."""
+    """Console-script entry point: Ctrl-C and SIGTERM remove the temporary files being written, then exit 130 / 143.
+
+    A failed command leaves without the interpreter's exit handlers: after a write the filesystem refused, HDF5's
+    objects can crash the final garbage collection (segmentation fault), and a failed command has nothing to finish.
+    """
+    signal.signal(signal.SIGINT, _terminate)
     signal.signal(signal.SIGTERM, _terminate)
-    app()
+    try:
+        app()
+    except SystemExit as stop:
+        if stop.code in (None, 0):
+            raise
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(stop.code if isinstance(stop.code, int) else 1)

@@ -77,19 +77,19 @@ class TrainConfig:
 
 @dataclass(frozen=True)
 class EncodeConfig:
-    batch_size: int = param(512, help="images per encoding batch", ge=1)
+    batch_size: int = param(512, help="images per encoding batch", ge=1, le=1 << 16)
 
 
 @dataclass(frozen=True)
 class EvaluateConfig:
-    num_samples: int = param(10000, help="points sampled for MIG and the FactorVAE score", ge=1)
+    num_samples: int = param(10000, help="points sampled for MIG and the FactorVAE score", ge=1, le=1 << 24)
     dci: bool = param(False, help="also compute DCI (gradient-boosted trees; slow)")
-    batch_size: int = param(512, help="images per evaluation batch", ge=1)
+    batch_size: int = param(512, help="images per evaluation batch", ge=1, le=1 << 16)
 
 
 @dataclass(frozen=True)
 class RenderConfig:
-    steps: int = param(8, help="columns of a traversal", ge=2)
+    steps: int = param(8, help="columns of a traversal", ge=2, le=256)
     base_index: int = param(0, help="test image the traversals start from", ge=0)
     seed: int = param(0, help="seed for prior samples and chosen images", ge=0)
 
@@ -175,8 +175,13 @@ def merge(base: dict[str, Any], overlay: Mapping[str, Any]) -> dict[str, Any]:
 def read_params_file(path: Path) -> dict[str, Any]:
     if not path.exists():
         raise UserError(f"params file {path} not found; pass --params PATH or run in the project root")
+    if not path.is_file():
+        raise UserError(f"params file {path} is a folder; pass --params with a YAML file")
     try:
-        raw = yaml.safe_load(path.read_text())
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, PermissionError) as error:
+        cause = "not text" if isinstance(error, UnicodeDecodeError) else "not readable (permission denied)"
+        raise UserError(f"params file {path} is {cause}; pass --params with a YAML file") from None
     except yaml.YAMLError as error:
         mark = getattr(error, "problem_mark", None)
         where = f" at line {mark.line + 1}" if mark else ""

@@ -165,6 +165,15 @@ def test_prepare_data_command_flag_over_file_over_default(tmp_path, write_params
     assert params.read_text().count("image_size: 16") == 1
 
 
+def test_subset_null_flag_keeps_every_image_over_the_params_file(tmp_path, write_params, image_folder):
+    params = write_params(data={"dataset": "folder", "root": str(image_folder), "image_size": 8, "subset": 2})
+    out = tmp_path / "all.h5"
+    result = invoke("prepare-data", "--params", str(params), "--out", str(out), "--subset", "null")
+    assert result.exit_code == 0, result.output
+    with DatasetFile(out) as dataset:
+        assert dataset.num_images == 5 and dataset.params["data"]["subset"] is None
+
+
 def test_prepare_data_names_the_files_it_skipped(tmp_path, write_params, image_folder):
     for i in range(7):
         (image_folder / "dog" / f"broken{i}.png").write_bytes(b"not an image")

@@ -355,12 +355,12 @@ def test_peak_memory_does_not_follow_the_row_count(trained_project, big_dataset,
     peaks = {}
     for name, dataset in (("small", small), ("big", big_dataset)):
         peaks[name] = peak_rss_bytes(dvae_command("encode", "--model", "vqvae", "--dataset", str(dataset),
-                                                  "--out", str(tmp_path / f"{name}.h5")), trained_project.root)
+                                                  "--out", str(tmp_path / f"{name}-codes.h5")), trained_project.root)
     # 18,000 more images: 18 MB as uint8, 74 MB as float32. Streaming keeps the growth to the per-row labels
     # and factors the dataset reader holds (~1 MB).
     assert peaks["big"] - peaks["small"] < 16e6, peaks
 
-    with h5py.File(tmp_path / "big.h5") as file:
+    with h5py.File(tmp_path / "big-codes.h5") as file:
         assert file["codes"].chunks == (ROWS_PER_CHUNK, 8, 8) and file["codes"].compression == "gzip"
         assert file["labels"].chunks == (ROWS_PER_CHUNK,) and file["codes"].shape == (20_000, 8, 8)
         codes = file["codes"][:]

@@ -151,7 +151,7 @@ def test_value_outside_a_choice_names_key_and_choices(write_params, sections, ke
     ({"data": {"split": [0.5, 0.6, -0.1]}}, "data.split", "non-negative"),
     ({"data": {"split": [0.0, 0.5, 0.5]}}, "data.split", "first fraction > 0"),
     ({"vqvae": {"downsample": 6}}, "vqvae.downsample", "power of two"),
-    ({"jointvae": {"discrete": [3, 1]}}, "jointvae.discrete[1]", "at least 2"),
+    ({"jointvae": {"discrete": [3, 1]}}, "jointvae.discrete[1]", "2 to 65536 categories"),
     ({"jointvae": {"continuous": 0, "discrete": []}}, "jointvae.continuous", "at least one dimension"),
     ({"models": ["vqvae", "vqvae"]}, "models", "twice"),
 ])

@@ -302,7 +302,7 @@ def assert_user_error(result: subprocess.CompletedProcess, pattern: str) -> None
     ({"vqvae.downsample": 64}, "downsample"),
     ({"vqvae.code_dim": 0}, "`vqvae.code_dim` is 0"),
     ({"vqvae.ema_decay": 1.0}, "`vqvae.ema_decay` is 1.0"),
-    ({"vqvae.batch_size": 100000}, "fewer than vqvae.batch_size"),
+    ({"vqvae.batch_size": 60000}, "fewer than vqvae.batch_size"),
 ])
 def test_bad_params_exit_2_and_write_nothing(tmp_path: Path, tiny_dataset: Path, changes: dict, pattern: str) -> None:
     family = next(key.split(".")[0] for key in changes)

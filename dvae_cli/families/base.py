@@ -3,13 +3,15 @@ registry (`dvae_cli.families`) holds for each."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 import torch
 from torch import Tensor, nn
+
+from dvae_cli.core.schema import param
 
 if TYPE_CHECKING:
     from dvae_cli.core.progress import Advance
@@ -21,9 +23,9 @@ if TYPE_CHECKING:
 class DataShape:
     """What a model needs to know about its data: image shape and the pixel variance of the train split."""
 
-    channels: int
-    image_size: int
-    pixel_variance: float = 1.0
+    channels: Literal[1, 3] = param(help="1 (grayscale) or 3 (RGB)")
+    image_size: int = param(help="square image side in pixels", ge=4, le=1024)
+    pixel_variance: float = param(1.0, help="pixel variance of the train split, on [0, 1]", ge=0)
 
 
 @dataclass
@@ -89,8 +91,9 @@ class DiscreteVAE(nn.Module):
         """What the codes file records about the latent (shape, K and D, or the latent spec)."""
         raise NotImplementedError
 
-    def code_value_counts(self) -> dict[str, int]:
-        """How many values (0 … count − 1) each integer array of `encode` takes, so the codes file picks its dtype."""
+    def code_value_counts(self) -> dict[str, int | tuple[int, ...]]:
+        """How many values (0 … count − 1) each integer array of `encode` takes: one count, or one per position of
+        the array's last axis. The codes file picks its dtype from them; `out_of_range_codes` checks stored codes."""
         return {}
 
     def extra_arrays(self) -> dict[str, Tensor]:
@@ -114,6 +117,21 @@ class Family:
     """`dvae render`'s pictures; `advance()` once per entry of `picture_files`."""
     picture_files: tuple[str, ...]
     """Every file `pictures` can write."""
+
+
+def out_of_range_codes(model: DiscreteVAE, latent: Mapping[str, np.ndarray | Tensor]) -> str | None:
+    """The first integer array of `latent` holding a value the model does not have, described; None when all fit."""
+    for name, counts in model.code_value_counts().items():
+        values = latent.get(name)
+        if values is None or not len(values):
+            continue
+        values = values.cpu().numpy() if isinstance(values, Tensor) else np.asarray(values)
+        limits = np.broadcast_to(np.asarray(counts), values.shape)
+        wrong = (values < 0) | (values >= limits)
+        if wrong.any():
+            where = np.argwhere(wrong)[0]
+            return f"`{name}` holds {values[tuple(where)]} at row {where[0]}, outside 0…{limits[tuple(where)] - 1}"
+    return None
 
 
 def as_tensor(array: np.ndarray) -> Tensor:

@@ -20,6 +20,9 @@ from dvae_cli.core.files import atomic_path
 
 FORMAT = "dvae-checkpoint"
 FORMAT_VERSION = 2
+FIELDS = {"fingerprint": dict, "step": int, "model": dict, "optimizer": dict, "scaler": dict, "epoch_counts": dict,
+          "history": list, "rng": dict}
+"""The entries of a checkpoint of this format version, with their types."""
 
 
 @dataclass
@@ -80,6 +83,12 @@ def read_checkpoint(path: Path, family: str) -> dict[str, Any]:
         raise UserError(f"{path} is not a dvae checkpoint; {fix}")
     if state.get("family") != family:
         raise UserError(f"checkpoint {path} belongs to a {state.get('family')} model, not {family}; {fix}")
+    if state.get("format_version") == FORMAT_VERSION:
+        for name, kind in FIELDS.items():
+            if not isinstance(state.get(name), kind) or isinstance(state.get(name), bool):
+                raise UserError(f"checkpoint {path} has no valid `{name}` (damaged or edited); {fix}")
+        if state["step"] < 0:
+            raise UserError(f"checkpoint {path} is at step {state['step']}, below 0 (damaged or edited); {fix}")
     return state
 
 
@@ -110,7 +119,11 @@ def resume(state: TrainState, path: Path, total_steps: int, restart_on_mismatch:
     elif saved["step"] > total_steps:
         mismatch = f"is at step {saved['step']}, past this run's {total_steps} steps"
     else:
-        state.restore(saved)
+        try:
+            state.restore(saved)
+        except (RuntimeError, KeyError, ValueError, TypeError, IndexError):
+            raise UserError(f"checkpoint {path} does not fit this {state.family} model (tensors of other shapes or "
+                            "missing entries: damaged or edited); delete it or pass --restart to start over") from None
         return
     if not restart_on_mismatch:
         raise UserError(f"checkpoint {path} {mismatch}; pass --restart to start over")

@@ -37,12 +37,15 @@ from dvae_cli.formats.dataset import (
     SPLIT_NAMES,
     DatasetFile,
     DatasetInfo,
+    NewHDF5File,
     open_hdf5,
     read_rows,
+    unreadable_is_damaged,
 )
 
 FORMAT = "dvae-codes"
 FORMAT_VERSION = 2
+CODES_MAKER = "dvae encode"
 ROWS_PER_CHUNK = 1024
 CHUNK_BYTES = 1 << 20
 """Chunks hold ROWS_PER_CHUNK rows, fewer when those would pass this size (large code maps)."""
@@ -78,9 +81,9 @@ class ArraySpec:
 
 def latent_specs(model: DiscreteVAE, latent: dict[str, Tensor]) -> list[ArraySpec]:
     """The stored form of each array `model.encode` returns: integers in `code_dtype`, floats as float32."""
-    value_counts = model.code_value_counts()
+    most_values = {name: int(np.max(counts)) for name, counts in model.code_value_counts().items()}
     return [ArraySpec(name, tuple(tensor.shape[1:]),
-                      np.dtype(np.float32) if tensor.is_floating_point() else code_dtype(value_counts[name]))
+                      np.dtype(np.float32) if tensor.is_floating_point() else code_dtype(most_values[name]))
             for name, tensor in latent.items()]
 
 
@@ -181,7 +184,7 @@ class CodesHeader:
 def new_codes_file(path: Path) -> h5py.File:
     """An empty HDF5 file for `create_codes_file`, in HDF5 1.8's format: the first with dense attribute storage,
     which attributes over 64 KiB need (a codebook of K = 512, D = 64 is 128 KiB)."""
-    return h5py.File(path, "w", libver=("v108", "v108"))
+    return NewHDF5File(path, libver=("v108", "v108"))
 
 
 def create_codes_file(file: h5py.File, header: CodesHeader, dataset: DatasetFile, model: DiscreteVAE,
@@ -246,17 +249,18 @@ class CodesFile:
 
     def __init__(self, path: Path | str, family: str | None = None) -> None:
         self.path = Path(path)
-        self.file = open_hdf5(self.path, FORMAT, FORMAT_VERSION, "codes", "dvae encode")
+        self.file = open_hdf5(self.path, FORMAT, FORMAT_VERSION, "codes", CODES_MAKER)
         try:
-            self.model_arrays: dict[str, np.ndarray] = self._read_model_arrays()
-            """The arrays the model stores once (VQ-VAE: `codebook`, float32 [K, D])."""
-            self.attrs: dict[str, Any] = {key: _plain(value) for key, value in self.file.attrs.items()
-                                          if key not in self.model_arrays}
-            self.latent_names, self.dataset_info = self._validate(family)
+            with unreadable_is_damaged(self.path, CODES_MAKER):
+                self.model_arrays: dict[str, np.ndarray] = self._read_model_arrays()
+                """The arrays the model stores once (VQ-VAE: `codebook`, float32 [K, D])."""
+                self.attrs: dict[str, Any] = {key: _plain(value) for key, value in self.file.attrs.items()
+                                              if key not in self.model_arrays}
+                self.latent_names, self.dataset_info = self._validate(family)
+                self.split: np.ndarray = self.file["split"][:]
         except BaseException:
             self.file.close()
             raise
-        self.split: np.ndarray = self.file["split"][:]
 
     def _damaged(self) -> UserError:
         return UserError(f"{self.path} is an incomplete or damaged codes file; re-run `dvae encode`")
@@ -315,16 +319,19 @@ class CodesFile:
 
     def read_rows(self, start: int, stop: int, names: Sequence[str] | None = None) -> dict[str, np.ndarray]:
         """Rows [start, stop) of the named arrays (default: `row_names()`), as stored."""
-        return {name: self.file[name][start:stop] for name in (self.row_names() if names is None else names)}
+        with unreadable_is_damaged(self.path, CODES_MAKER):
+            return {name: self.file[name][start:stop] for name in (self.row_names() if names is None else names)}
 
     def source_paths(self, start: int, stop: int) -> np.ndarray | None:
         """The source files (str, relative to the dataset's root) of rows [start, stop); None unless the dataset
         came from an image folder."""
-        return self.file[SOURCE_PATHS].asstr()[start:stop] if SOURCE_PATHS in self.file else None
+        with unreadable_is_damaged(self.path, CODES_MAKER):
+            return self.file[SOURCE_PATHS].asstr()[start:stop] if SOURCE_PATHS in self.file else None
 
     def read_at(self, name: str, rows: np.ndarray) -> np.ndarray | None:
         """Array `name` at sorted `rows`, as stored; None when the file has no such array."""
-        return read_rows(self.file[name], rows) if name in self.file else None
+        with unreadable_is_damaged(self.path, CODES_MAKER):
+            return read_rows(self.file[name], rows) if name in self.file else None
 
     def batches(self, split: str | None = "train", batch_size: int = 1024,
                 names: Sequence[str] | None = None) -> Iterator[dict[str, Tensor]]:

@@ -10,8 +10,10 @@
 
 from __future__ import annotations
 
+import io
 import json
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -33,6 +35,7 @@ ROWS_PER_READ = 16384
 ROW_ARRAYS = ("labels", "factors", "factor_classes")
 """The numeric per-row arrays a dataset file may hold beside the images and the split."""
 SOURCE_PATHS = "source_paths"
+DATASET_MAKER = "dvae prepare-data"
 
 
 @dataclass(frozen=True)
@@ -78,7 +81,7 @@ class DatasetWriter:
 
     def __init__(self, path: Path, info: DatasetInfo, params: dict[str, Any]) -> None:
         self.info = info
-        self.file = h5py.File(path, "w")
+        self.file = NewHDF5File(path)
         shape = (info.channels, info.image_size, info.image_size)
         self.images = self.file.create_dataset(
             "images", shape=(0, *shape), maxshape=(None, *shape), dtype=np.uint8,
@@ -108,6 +111,7 @@ class DatasetWriter:
                 dataset.resize(stop, axis=0)
                 dataset[start:stop] = rows
         self.num_rows = stop
+        self.file.check_writes()
 
     def finish(self, split: np.ndarray) -> None:
         if len(split) != self.num_rows:
@@ -138,17 +142,18 @@ class DatasetFile:
 
     def __init__(self, path: Path | str) -> None:
         self.path = Path(path)
-        self.file = open_hdf5(self.path, FORMAT, FORMAT_VERSION, "dataset", "dvae prepare-data")
+        self.file = open_hdf5(self.path, FORMAT, FORMAT_VERSION, "dataset", DATASET_MAKER)
         try:
             self.info, self.num_images = self._validate()
+            with unreadable_is_damaged(self.path, DATASET_MAKER):
+                self.split = self.file["split"][:]
+                self.labels = self.file["labels"][:] if "labels" in self.file else None
+                self.factors = self.file["factors"][:] if "factors" in self.file else None
+                self.factor_classes = self.file["factor_classes"][:] if "factor_classes" in self.file else None
+                self.params = json.loads(self.file.attrs.get("params", "{}"))
         except BaseException:
             self.file.close()
             raise
-        self.split = self.file["split"][:]
-        self.labels = self.file["labels"][:] if "labels" in self.file else None
-        self.factors = self.file["factors"][:] if "factors" in self.file else None
-        self.factor_classes = self.file["factor_classes"][:] if "factor_classes" in self.file else None
-        self.params = json.loads(self.file.attrs.get("params", "{}"))
 
     def _validate(self) -> tuple[DatasetInfo, int]:
         file, path = self.file, self.path
@@ -172,6 +177,10 @@ class DatasetFile:
         for name in (*ROW_ARRAYS, SOURCE_PATHS):
             if name in file and file[name].shape[0] != n:
                 raise broken
+        for name in ("labels", "factor_classes"):
+            if name in file and file[name].dtype.kind not in "iu":
+                raise UserError(f"{path}: `{name}` are {file[name].dtype}, not integers; re-create the file with "
+                                f"`{DATASET_MAKER}`")
         if n == 0:
             raise UserError(f"{path} holds no images; re-run `dvae prepare-data` with a source that has images")
         try:
@@ -193,8 +202,9 @@ class DatasetFile:
 
     def read_images(self, indices: np.ndarray | None = None, block: int = ROWS_PER_READ) -> np.ndarray:
         """uint8 [n, C, H, W] for sorted row `indices` (all rows when None), read block by block."""
-        images = self.file["images"]
-        return images[:] if indices is None else read_rows(images, indices, block)
+        with unreadable_is_damaged(self.path, DATASET_MAKER):
+            images = self.file["images"]
+            return images[:] if indices is None else read_rows(images, indices, block)
 
     def close(self) -> None:
         self.file.close()
@@ -236,6 +246,17 @@ def read_rows(array: h5py.Dataset, rows: np.ndarray, block: int = ROWS_PER_READ)
     return out
 
 
+@contextmanager
+def unreadable_is_damaged(path: Path | str, maker: str) -> Iterator[None]:
+    """Reads of an HDF5 file inside the block that fail on damaged bytes (h5py raises OSError, KeyError or
+    RuntimeError: a checksum or filter failure, an object header it cannot open) are a UserError naming the file."""
+    try:
+        yield
+    except (OSError, KeyError, RuntimeError) as error:
+        cause = str(error).splitlines()[0] if str(error) else type(error).__name__
+        raise UserError(f"{path} is damaged, HDF5 cannot read it ({cause}); re-create it with `{maker}`") from None
+
+
 def open_hdf5(path: Path, expected_format: str, expected_version: int, what: str, maker: str) -> h5py.File:
     """Open an HDF5 file of dvae's `expected_format`, turning every way it can be wrong into a UserError."""
     if not path.exists():
@@ -256,3 +277,73 @@ def open_hdf5(path: Path, expected_format: str, expected_version: int, what: str
                         f"re-create it with `{maker}`")
     return file
 
+
+
+class _KeepRefusedWrite(io.RawIOBase):
+    """The file a NewHDF5File writes through. A write the filesystem refuses (no space, file-size limit) is kept,
+    not raised: HDF5 flushes from finalizers, where an exception is only printed, and the file must still close.
+    Later writes are dropped; `refused` is raised by NewHDF5File."""
+
+    def __init__(self, path: Path) -> None:
+        super().__init__()
+        self.raw = open(path, "w+b", buffering=0)  # noqa: SIM115 (closed by close)
+        self.refused: OSError | None = None
+
+    def readable(self) -> bool:
+        return True
+
+    def writable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: Any) -> int | None:
+        return self.raw.readinto(buffer)
+
+    def write(self, data: Any) -> int:
+        if self.refused is None:
+            try:
+                return self.raw.write(data)
+            except OSError as error:
+                self.refused = error
+        return len(memoryview(data))
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        return self.raw.seek(offset, whence)
+
+    def tell(self) -> int:
+        return self.raw.tell()
+
+    def truncate(self, size: int | None = None) -> int:
+        return self.tell() if self.refused else self.raw.truncate(size)
+
+    def close(self) -> None:
+        super().close()
+        self.raw.close()
+
+
+class NewHDF5File(h5py.File):
+    """A new HDF5 file for writing, through h5py's file-object driver. A write refused inside HDF5's own driver
+    leaves the library unable to close the file and the process crashes at exit (segmentation fault); through a
+    Python file the refusal is kept, the file closes, and `check_writes` or `close` raises the OSError, errno and
+    all."""
+
+    def __init__(self, path: Path, **options: Any) -> None:
+        self.stream = _KeepRefusedWrite(path)
+        try:
+            super().__init__(self.stream, "w", **options)
+        except BaseException:
+            self.stream.close()
+            raise
+
+    def check_writes(self) -> None:
+        if self.stream.refused is not None:
+            raise self.stream.refused
+
+    def close(self) -> None:
+        try:
+            super().close()
+        finally:
+            self.stream.close()
+        self.check_writes()

@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save
 
 from dvae_cli import __version__
@@ -22,6 +22,11 @@ WEIGHTS = "model.safetensors"
 CONFIG = "config.json"
 CHECKPOINT = "checkpoint.pt"
 """The resumable training state (`formats.checkpoint`), kept beside the model but no part of it (nor a DVC output)."""
+
+
+def model_files(folder: Path) -> list[Path]:
+    """The files of a model folder, as inputs an output must not replace."""
+    return [folder / WEIGHTS, folder / CONFIG, folder / CHECKPOINT]
 
 
 @dataclass
@@ -55,33 +60,71 @@ def save_model(folder: Path, family: str, model: DiscreteVAE, config: Any, data:
     return weights_sha256
 
 
-def load_model(folder: Path, family: str | None = None, device: torch.device | str = "cpu") -> LoadedModel:
-    """Rebuild a trained model from its folder, in evaluation mode."""
+def _config_json_error(path: Path, error: UserError, family: str) -> UserError:
+    """A schema error about config.json's sections, worded as config.json's (the schema words them as params')."""
+    detail = str(error).removeprefix("params: ").split("; fix it in the params file")[0]
+    return UserError(f"{path}: {detail}; re-create it with `dvae train --model {family}`")
+
+
+def _weights_shapes(path: Path, family: str) -> dict[str, tuple[int, ...]]:
+    """Every tensor's shape from the safetensors header, without reading the tensors."""
+    try:
+        with safe_open(path, "pt") as weights:
+            return {name: tuple(weights.get_slice(name).get_shape()) for name in weights.keys()}  # noqa: SIM118
+    except (SafetensorError, OSError):
+        raise UserError(f"{path} is damaged; re-create it with `dvae train --model {family}`") from None
+
+
+def load_model(folder: Path, family: str | None = None, device: torch.device | str = "cpu",
+               force: bool = False) -> LoadedModel:
+    """Rebuild a trained model from its folder, in evaluation mode.
+
+    config.json is checked like params (unknown or missing keys, bounds), the weights' shapes in the safetensors
+    header against a model built on the meta device (so nothing absurd is allocated), and the weights' sha256
+    against config.json's `weights_sha256` unless `force`.
+    """
     folder = Path(folder)
     name = family or folder.name
-    if not (folder / CONFIG).exists() or not (folder / WEIGHTS).exists():
+    config_path, weights_path = folder / CONFIG, folder / WEIGHTS
+    if not config_path.is_file() or not weights_path.is_file():
         raise UserError(f"model folder {folder} has no trained model; make it with `dvae train --model {name}`")
     try:
-        record = json.loads((folder / CONFIG).read_text())
+        record = json.loads(config_path.read_text())
         found_family = record["family"]
-    except (json.JSONDecodeError, KeyError, TypeError):
-        raise UserError(f"{folder / CONFIG} is not a dvae model config; re-create it with `dvae train`") from None
+    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError):
+        raise UserError(f"{config_path} is not a dvae model config; re-create it with `dvae train`") from None
     if found_family not in FAMILIES:
-        raise UserError(f"{folder / CONFIG} names unknown model family {found_family!r}")
+        raise UserError(f"{config_path} names unknown model family {found_family!r}")
     if family is not None and found_family != family:
         raise UserError(f"{folder} holds a {found_family} model, not {family}; pass the {family} model folder")
-    config = build(FAMILIES[found_family].config, record["model"], found_family)
-    data = DataShape(**record["data"])
+    for section in ("model", "data"):
+        if not isinstance(record.get(section), dict):
+            raise UserError(f"{config_path} has no `{section}` section; re-create it with "
+                            f"`dvae train --model {found_family}`")
+    try:
+        config = build(FAMILIES[found_family].config, record["model"], "model")
+        data = build(DataShape, record["data"], "data")
+    except UserError as error:
+        raise _config_json_error(config_path, error, found_family) from None
+    except TypeError:  # a field without a default is missing
+        raise UserError(f"{config_path}: `data` lacks `channels` or `image_size`; re-create it with "
+                        f"`dvae train --model {found_family}`") from None
+    with torch.device("meta"):
+        expected = {key: tuple(tensor.shape)
+                    for key, tensor in FAMILIES[found_family].model(config, data).state_dict().items()}
+    if _weights_shapes(weights_path, found_family) != expected:
+        raise UserError(f"{weights_path} does not match {config_path} (other tensors or shapes); re-create them "
+                        f"with `dvae train --model {found_family}`")
+    weights_sha256 = sha256_file(weights_path)
+    if weights_sha256 != record.get("weights_sha256") and not force:
+        raise UserError(f"{weights_path} is not the file {config_path} names (sha256 {weights_sha256[:12]}…, "
+                        f"config.json says {str(record.get('weights_sha256'))[:12]}…): replaced or damaged; "
+                        f"re-create it with `dvae train --model {found_family}`, or pass --force to use it anyway")
     model = FAMILIES[found_family].model(config, data)
     try:
-        state = load_file(folder / WEIGHTS)
+        model.load_state_dict(load_file(weights_path))
     except (SafetensorError, OSError):
-        raise UserError(f"{folder / WEIGHTS} is damaged; re-create it with `dvae train --model {found_family}`") from None
-    try:
-        model.load_state_dict(state)
-    except RuntimeError:
-        raise UserError(f"{folder / WEIGHTS} does not match {folder / CONFIG}; re-create them with "
-                        f"`dvae train --model {found_family}`") from None
+        raise UserError(f"{weights_path} is damaged; re-create it with `dvae train --model {found_family}`") from None
     model.to(device).eval()
     return LoadedModel(model=model, family=found_family, config=config, data=data, record=record,
-                       weights_sha256=sha256_file(folder / WEIGHTS))
+                       weights_sha256=weights_sha256)

@@ -13,15 +13,15 @@ import torch
 from torch import Tensor
 
 from dvae_cli.core.errors import UserError
-from dvae_cli.core.files import atomic_path
+from dvae_cli.core.files import atomic_path, check_output
 from dvae_cli.core.images import save_png, square_grid, to_uint8
 from dvae_cli.core.progress import Advance, progress_bar
 from dvae_cli.core.runtime import Runtime, resolve_runtime
 from dvae_cli.families import DiscreteVAE
-from dvae_cli.families.base import as_tensor
+from dvae_cli.families.base import as_tensor, out_of_range_codes
 from dvae_cli.formats.codes import CodesFile
 from dvae_cli.formats.dataset import DatasetChunk, DatasetWriter
-from dvae_cli.formats.model_folder import WEIGHTS, LoadedModel, load_model
+from dvae_cli.formats.model_folder import WEIGHTS, LoadedModel, load_model, model_files
 from dvae_cli.params import Params
 
 DECODE_ROWS = 64
@@ -88,8 +88,10 @@ def decode_batches(model: DiscreteVAE, codes: CodesFile, rows: range, batch_size
     """(rows, images float32 [n, C, H, W] in [0, 1] on the CPU) for consecutive batches of `rows`."""
     for start in range(rows.start, rows.stop, batch_size):
         batch_rows = range(start, min(start + batch_size, rows.stop))
-        latent = {name: as_tensor(values).to(runtime.device)
-                  for name, values in codes.read_rows(batch_rows.start, batch_rows.stop, codes.latent_names).items()}
+        stored = codes.read_rows(batch_rows.start, batch_rows.stop, codes.latent_names)
+        if wrong := out_of_range_codes(model, stored):
+            raise UserError(f"{codes.path}: {wrong}, the range of the model; re-create it with `dvae encode`")
+        latent = {name: as_tensor(values).to(runtime.device) for name, values in stored.items()}
         with runtime.autocast():
             images = model.decode(latent)
         yield batch_rows, images.float().cpu()
@@ -121,11 +123,13 @@ def decode_codes_file(params: Params, codes_path: Path, out: Path, rows_text: st
     as_image = out.suffix.lower() in IMAGE_SUFFIXES
     if not as_image and out.suffix.lower() not in DATASET_SUFFIXES:
         raise UserError(f"--out {out} must end in .png (an image grid) or .h5 (a dataset file)")
+    check_output(out, [codes_path, *(model_files(model_dir) if model_dir else [])])
     runtime = resolve_runtime(params.runtime)
     with CodesFile(codes_path) as codes:
         rows = parse_rows(rows_text, len(codes))
         folder = model_dir or codes.model_dir
-        loaded = load_model(folder, codes.family, runtime.device)
+        check_output(out, model_files(folder))
+        loaded = load_model(folder, codes.family, runtime.device, force=force)
         weights_match = check_model_matches(codes, loaded, folder, force)
         batches = decode_batches(runtime.prepare(loaded.model), codes, rows, params.encode.batch_size, runtime)
         with atomic_path(out) as tmp, \

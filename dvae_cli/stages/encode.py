@@ -26,7 +26,7 @@ from torch import Tensor
 
 from dvae_cli.core.distributed import all_gather_objects, join_cluster, leave_cluster
 from dvae_cli.core.errors import UserError
-from dvae_cli.core.files import atomic_path, pending_temporary, sha256_file
+from dvae_cli.core.files import atomic_path, check_output, pending_temporary, sha256_file
 from dvae_cli.core.progress import Advance, progress_bar
 from dvae_cli.core.runtime import Runtime, resolve_runtime
 from dvae_cli.families import DiscreteVAE
@@ -41,8 +41,14 @@ from dvae_cli.formats.codes import (
     latent_specs,
     new_codes_file,
 )
-from dvae_cli.formats.dataset import DatasetFile, DatasetInfo
-from dvae_cli.formats.model_folder import LoadedModel, load_model
+from dvae_cli.formats.dataset import (
+    DATASET_MAKER,
+    DatasetFile,
+    DatasetInfo,
+    NewHDF5File,
+    unreadable_is_damaged,
+)
+from dvae_cli.formats.model_folder import LoadedModel, load_model, model_files
 from dvae_cli.params import Params
 
 
@@ -58,7 +64,8 @@ def encode_rows(model: DiscreteVAE, images: h5py.Dataset, rows: range, batch_siz
     pin = runtime.device.type == "cuda"
 
     def read(start: int) -> Tensor:
-        block = torch.from_numpy(images[start:min(start + batch_size, rows.stop)])
+        with unreadable_is_damaged(images.file.filename, DATASET_MAKER):
+            block = torch.from_numpy(images[start:min(start + batch_size, rows.stop)])
         return block.pin_memory() if pin else block
 
     # Pinning in a thread needs the thread's current CUDA device set, as DataLoader's pin-memory thread does.
@@ -146,7 +153,7 @@ def _encode_shard(job: EncodeJob, rows: range, path: Path) -> None:
     """
     if rows:
         path.parent.mkdir(parents=True, exist_ok=True)
-        with pending_temporary(path), h5py.File(path, "w") as file:
+        with pending_temporary(path), NewHDF5File(path) as file:
             datasets = create_latent_datasets(file, job.specs, job.num_rows, job.rows_per_chunk)
             with ChunkedRowWriter(datasets, job.specs, first_row=rows.start) as write:
                 encode_rows(job.model, job.images, rows, job.batch_size, job.runtime, write,
@@ -212,23 +219,26 @@ def _write_codes_file(job: EncodeJob, rows: range, loaded: LoadedModel, paths: E
 
 
 def encode_dataset(params: Params, family: str, paths: EncodePaths,
-                   show_progress: bool = True) -> EncodeResult | None:
+                   show_progress: bool = True, force: bool = False) -> EncodeResult | None:
     """Write the codes file of every dataset row (all splits, in dataset order), atomically.
 
     Under torchrun each rank encodes a batch-aligned slice of the rows and rank 0 assembles them into the file a
     single process would write, byte for byte; rank 0 returns the result, the other ranks None.
     """
     started = time.perf_counter()
+    check_output(paths.out, [paths.dataset, *model_files(paths.model_dir)])
     runtime = resolve_runtime(params.runtime)
     cluster = join_cluster(runtime.device)
     try:
-        loaded = load_model(paths.model_dir, family, runtime.device)
+        loaded = load_model(paths.model_dir, family, runtime.device, force=force)
         model = runtime.prepare(loaded.model)
         with DatasetFile(paths.dataset) as dataset:
             check_image_shape(dataset.info, loaded, paths.dataset, paths.model_dir)
             images = dataset.file["images"]
+            with unreadable_is_damaged(paths.dataset, DATASET_MAKER):
+                first = torch.from_numpy(images[:1])
             with torch.no_grad(), runtime.autocast():
-                specs = latent_specs(model, model.encode(runtime.images(torch.from_numpy(images[:1]))))
+                specs = latent_specs(model, model.encode(runtime.images(first)))
             job = EncodeJob(model=model, images=images, specs=specs, rows_per_chunk=chunk_rows(specs, len(images)),
                             batch_size=params.encode.batch_size, runtime=runtime)
             rows = batch_aligned_slices(job.num_rows, job.batch_size, cluster.world_size)[cluster.rank]

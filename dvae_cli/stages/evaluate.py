@@ -18,14 +18,15 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from dvae_cli.core.errors import UserError
-from dvae_cli.core.files import sha256_file, write_json_atomic
+from dvae_cli.core.files import check_output, sha256_file, write_json_atomic
 from dvae_cli.core.progress import progress_bar
 from dvae_cli.core.runtime import resolve_runtime
 from dvae_cli.families import get_family
+from dvae_cli.families.base import out_of_range_codes
 from dvae_cli.families.evaluation import Evaluation, Sections, evaluation_sections, reconstruction_totals, timed
 from dvae_cli.formats.codes import CodesFile
 from dvae_cli.formats.dataset import SPLIT_NAMES, DatasetFile
-from dvae_cli.formats.model_folder import LoadedModel, load_model
+from dvae_cli.formats.model_folder import LoadedModel, load_model, model_files
 from dvae_cli.params import Params
 
 
@@ -70,18 +71,23 @@ def _open_codes(paths: EvaluatePaths, family: str, loaded: LoadedModel, dataset:
     return codes
 
 
-def evaluate(params: Params, family: str, paths: EvaluatePaths, show_progress: bool = True) -> EvaluateResult:
+def evaluate(params: Params, family: str, paths: EvaluatePaths, show_progress: bool = True,
+             force: bool = False) -> EvaluateResult:
     """Compute every metric of `family`'s model on the evaluation split and write them atomically to paths.metrics."""
     started = time.perf_counter()
+    check_output(paths.metrics, [*model_files(paths.model_dir), paths.dataset, paths.codes])
     # The runtime's device and memory format, but fp32 whatever runtime.precision: these are the reported figures.
     runtime = resolve_runtime(params.runtime)
     device = runtime.device
-    loaded = load_model(paths.model_dir, family, device)
+    loaded = load_model(paths.model_dir, family, device, force=force)
     loaded.model = runtime.prepare(loaded.model)
     with DatasetFile(paths.dataset) as dataset, _open_codes(paths, family, loaded, dataset) as codes:
         split = dataset.evaluation_split()
         rows = dataset.indices(split)
         latent = {name: codes.read_at(name, rows) for name in codes.latent_names}
+        if wrong := out_of_range_codes(loaded.model, latent):
+            raise UserError(f"{paths.codes}: {wrong}, the range of the model; re-create it with "
+                            f"`dvae encode --model {family}`")
         seconds: dict[str, float] = {}
         with timed(seconds, "reconstruction"), \
                 progress_bar(f"evaluate {family}", len(rows), enabled=show_progress) as advance:

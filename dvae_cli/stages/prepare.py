@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 
 from dvae_cli.core.errors import UserError
-from dvae_cli.core.files import atomic_path
+from dvae_cli.core.files import atomic_path, check_output
 from dvae_cli.core.progress import progress_bar
 from dvae_cli.formats.dataset import SPLIT_NAMES, TEST, TRAIN, VAL, DatasetInfo, DatasetWriter
 from dvae_cli.params import Params
@@ -71,6 +71,7 @@ def assign_split(num_rows: int, fractions: list[float], rng: np.random.Generator
 
 def prepare_data(params: Params, out: Path, show_progress: bool = True) -> PrepareSummary:
     started = time.perf_counter()
+    check_output(out, [Path(params.data.root)] if params.data.root else [])
     source = open_source(params.data)
     subset_rng, split_rng = (np.random.default_rng(seed) for seed in np.random.SeedSequence(params.seed).spawn(2))
     rows = select_subset(len(source), params.data.subset, subset_rng)

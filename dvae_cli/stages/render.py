@@ -15,14 +15,14 @@ import numpy as np
 import torch
 
 from dvae_cli.core.errors import UserError
-from dvae_cli.core.files import atomic_path
+from dvae_cli.core.files import atomic_path, check_output
 from dvae_cli.core.images import save_png
 from dvae_cli.core.progress import progress_bar
 from dvae_cli.core.runtime import resolve_device
 from dvae_cli.families import get_family
 from dvae_cli.families.pictures import MEASURED_IMAGES, SHOWN_IMAGES, RenderInputs
 from dvae_cli.formats.dataset import SPLIT_NAMES, DatasetFile
-from dvae_cli.formats.model_folder import load_model
+from dvae_cli.formats.model_folder import load_model, model_files
 from dvae_cli.params import Params
 
 
@@ -55,13 +55,14 @@ def _check_out_folder(out: Path, files: tuple[str, ...]) -> None:
 
 
 def render(params: Params, family: str, model_dir: Path, dataset_path: Path, out: Path,
-           show_progress: bool = True) -> RenderResult:
+           show_progress: bool = True, force: bool = False) -> RenderResult:
     """Draw the family's pictures for the model in `model_dir` from the dataset's evaluation split into `out`."""
     started = time.perf_counter()
+    check_output(out, [*model_files(model_dir), dataset_path], folder=True)
     settings = params.render
     spec = get_family(family)
     device = resolve_device(params.runtime.device)
-    loaded = load_model(model_dir, family, device)
+    loaded = load_model(model_dir, family, device, force=force)
     _check_out_folder(out, spec.picture_files)
     with DatasetFile(dataset_path) as dataset:
         shape = (dataset.info.channels, dataset.info.image_size)

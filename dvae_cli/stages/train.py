@@ -16,6 +16,8 @@ import json
 import math
 import time
 from collections import defaultdict
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -28,7 +30,14 @@ from torch.nn.parallel import DistributedDataParallel
 from dvae_cli import __version__
 from dvae_cli.core.distributed import all_reduce_sum, join_cluster, leave_cluster
 from dvae_cli.core.errors import TrainingDiverged, UserError
-from dvae_cli.core.files import sha256_file, write_bytes_atomic
+from dvae_cli.core.files import (
+    check_output,
+    exclusive_lock,
+    outermost_missing,
+    remove_tree,
+    sha256_file,
+    write_bytes_atomic,
+)
 from dvae_cli.core.progress import progress_bar
 from dvae_cli.core.runtime import Runtime, keep_freed_host_memory, resolve_runtime
 from dvae_cli.families import DataShape, DiscreteVAE, LossOutput, get_family
@@ -55,6 +64,8 @@ CURVES = ("train", "epoch", "eval")
 steps, the figures at each epoch's end (validation loss among them), the periodic evaluation."""
 TIMINGS = ("train/images_per_second",)
 """Wall-clock figures: logged to DVCLive, never written to the model folder (equal weights give equal files)."""
+LOCK = "train.lock"
+"""In the model folder while a training writes to it (the holder's pid inside)."""
 
 
 @dataclass(frozen=True)
@@ -66,6 +77,29 @@ class TrainPaths:
     @property
     def checkpoint(self) -> Path:
         return self.model_dir / CHECKPOINT
+
+    def check(self) -> None:
+        check_output(self.model_dir, [self.dataset], "--out", folder=True)
+        check_output(self.live_dir, [self.dataset], "--live", folder=True)
+
+
+@contextmanager
+def one_writer(paths: TrainPaths, enabled: bool) -> Iterator[None]:
+    """Hold the model folder's lock (when `enabled`: the main process); a failure before the first checkpoint
+    removes the model and DVCLive folders this run created, so nothing that looks like a run is left."""
+    if not enabled:
+        yield
+        return
+    made = [outermost_missing(folder) for folder in (paths.model_dir, paths.live_dir)]
+    try:
+        with exclusive_lock(paths.model_dir / LOCK, f"model folder {paths.model_dir}"):
+            yield
+    except BaseException:
+        if not paths.checkpoint.exists():
+            for folder in made:
+                if folder is not None:
+                    remove_tree(folder)
+        raise
 
 
 @dataclass
@@ -283,87 +317,91 @@ def final_metrics(history: list[list[Any]]) -> dict[str, float]:
 def train(params: Params, family: str, paths: TrainPaths, restart: bool = False,
           restart_on_mismatch: bool = False, show_progress: bool = True) -> TrainResult:
     started = time.perf_counter()
+    paths.check()
     config = params.model_config(family)
     runtime = resolve_runtime(params.runtime)
     if runtime.device.type == "cpu":
         keep_freed_host_memory()
     cluster = join_cluster(runtime.device)
-    if config.batch_size % cluster.world_size:
-        raise UserError(f"{family}.batch_size {config.batch_size} is not divisible by the world size "
-                        f"{cluster.world_size}; choose a batch size that is a multiple of it")
-    batch_size, rank_batch = config.batch_size, config.batch_size // cluster.world_size
-    eval_every = params.train.eval_every if cluster.is_main else None
-    data = load_training_data(paths.dataset, batch_size, family, runtime, params.seed if eval_every else None)
+    with one_writer(paths, enabled=cluster.is_main):
+        if config.batch_size % cluster.world_size:
+            raise UserError(f"{family}.batch_size {config.batch_size} is not divisible by the world size "
+                            f"{cluster.world_size}; choose a batch size that is a multiple of it")
+        batch_size, rank_batch = config.batch_size, config.batch_size // cluster.world_size
+        eval_every = params.train.eval_every if cluster.is_main else None
+        data = load_training_data(paths.dataset, batch_size, family, runtime, params.seed if eval_every else None)
 
-    torch.manual_seed(params.seed)
-    model = runtime.prepare(get_family(family).model(config, data.shape))
-    optimizer = torch.optim.Adam(model.parameters(), lr=config.lr)
-    scaler = torch.amp.GradScaler(runtime.device.type, enabled=runtime.needs_grad_scaler)
-    state = TrainState(family, run_fingerprint(params, family, data.sha256), model, optimizer, scaler, runtime.device)
-    steps_per_epoch = len(data.train) // batch_size
-    total_steps = min(config.epochs * steps_per_epoch, params.train.max_steps or config.epochs * steps_per_epoch)
-    if paths.checkpoint.exists() and not restart:
-        resume(state, paths.checkpoint, total_steps, restart_on_mismatch)
-    resumed_from = state.step
-    model.train()
-    model.set_rank_rows(cluster.rank * rank_batch, batch_size)
-    network = DistributedDataParallel(model, broadcast_buffers=False) if cluster.distributed else model
-    if params.runtime.compile:
-        network = torch.compile(network)
-    logger = Logger(paths.live_dir, state.history, enabled=cluster.is_main)
-    meter = Meter(runtime.device, state.step)
+        torch.manual_seed(params.seed)
+        model = runtime.prepare(get_family(family).model(config, data.shape))
+        optimizer = torch.optim.Adam(model.parameters(), lr=config.lr)
+        scaler = torch.amp.GradScaler(runtime.device.type, enabled=runtime.needs_grad_scaler)
+        state = TrainState(family, run_fingerprint(params, family, data.sha256), model, optimizer, scaler,
+                           runtime.device)
+        steps_per_epoch = len(data.train) // batch_size
+        total_steps = min(config.epochs * steps_per_epoch, params.train.max_steps or config.epochs * steps_per_epoch)
+        if paths.checkpoint.exists() and not restart:
+            resume(state, paths.checkpoint, total_steps, restart_on_mismatch)
+        resumed_from = state.step
+        model.train()
+        model.set_rank_rows(cluster.rank * rank_batch, batch_size)
+        network = DistributedDataParallel(model, broadcast_buffers=False) if cluster.distributed else model
+        if params.runtime.compile:
+            network = torch.compile(network)
+        logger = Logger(paths.live_dir, state.history, enabled=cluster.is_main)
+        meter = Meter(runtime.device, state.step)
 
-    try:
-        with progress_bar(f"train {family}", total_steps, extra="{task.fields[info]}", unit="step",
-                          completed=state.step, enabled=show_progress and cluster.is_main) as advance:
-            while state.step < total_steps:
-                epoch, position = divmod(state.step, steps_per_epoch)
-                permutation = epoch_permutation(params.seed, epoch, len(data.train))
-                rows = permutation[position * batch_size:(position + 1) * batch_size]
-                rank_rows = rows[cluster.rank * rank_batch:(cluster.rank + 1) * rank_batch]
-                x = runtime.images(data.train[rank_rows.to(data.train.device)])
-                with runtime.autocast():
-                    output = network(x, state.step)
-                loss = output.loss.float()
-                if all_reduce_sum((~torch.isfinite(loss.detach())).float()).item() > 0:
-                    if cluster.is_main:
+        try:
+            with progress_bar(f"train {family}", total_steps, extra="{task.fields[info]}", unit="step",
+                              completed=state.step, enabled=show_progress and cluster.is_main) as advance:
+                while state.step < total_steps:
+                    epoch, position = divmod(state.step, steps_per_epoch)
+                    permutation = epoch_permutation(params.seed, epoch, len(data.train))
+                    rows = permutation[position * batch_size:(position + 1) * batch_size]
+                    rank_rows = rows[cluster.rank * rank_batch:(cluster.rank + 1) * rank_batch]
+                    x = runtime.images(data.train[rank_rows.to(data.train.device)])
+                    with runtime.autocast():
+                        output = network(x, state.step)
+                    loss = output.loss.float()
+                    if all_reduce_sum((~torch.isfinite(loss.detach())).float()).item() > 0:
+                        if cluster.is_main:
+                            save_checkpoint(paths.checkpoint, state)
+                        raise TrainingDiverged(
+                            f"training diverged: the {family} loss became {loss.item()} at step {state.step}; the last "
+                            f"good state is in {paths.checkpoint}; lower {family}.lr or set runtime.precision: fp32, "
+                            "then rerun to resume (or --restart)")
+                    optimizer.zero_grad(set_to_none=True)
+                    scaler.scale(loss).backward()
+                    scaler.step(optimizer)
+                    scaler.update()
+                    state.step += 1
+                    meter.add(output, loss)
+                    add_batch_counts(state.epoch_counts, output, x)
+
+                    if state.step % params.train.log_every == 0 or state.step == total_steps:
+                        figures = meter.flush(state.step, batch_size, optimizer.param_groups[0]["lr"])
+                        logger.log(state.step, "train", figures)
+                        advance(0, info=f"epoch {epoch + 1}/{config.epochs} loss {figures['train/loss']:.4g} "
+                                        f"{figures['train/images_per_second']:.0f} img/s")
+                    if state.step % steps_per_epoch == 0 or state.step == total_steps:
+                        logger.log(state.step, "epoch", epoch_figures(model, state.epoch_counts, data, state.step,
+                                                                      steps_per_epoch, rank_batch, runtime))
+                        state.epoch_counts = {}
+                    if data.eval_sample and (state.step % eval_every == 0 or state.step == total_steps):
+                        logger.log(state.step, "eval", score_sample(model, family, config, data.eval_sample, params,
+                                                                    runtime))
+                    at_checkpoint = state.step % params.train.checkpoint_every == 0 or state.step == total_steps
+                    if cluster.is_main and at_checkpoint:
                         save_checkpoint(paths.checkpoint, state)
-                    raise TrainingDiverged(
-                        f"training diverged: the {family} loss became {loss.item()} at step {state.step}; the last "
-                        f"good state is in {paths.checkpoint}; lower {family}.lr or set runtime.precision: fp32, "
-                        "then rerun to resume (or --restart)")
-                optimizer.zero_grad(set_to_none=True)
-                scaler.scale(loss).backward()
-                scaler.step(optimizer)
-                scaler.update()
-                state.step += 1
-                meter.add(output, loss)
-                add_batch_counts(state.epoch_counts, output, x)
+                        logger.write_curves()
+                    advance(1)
+        finally:
+            logger.close()
+            leave_cluster()
 
-                if state.step % params.train.log_every == 0 or state.step == total_steps:
-                    figures = meter.flush(state.step, batch_size, optimizer.param_groups[0]["lr"])
-                    logger.log(state.step, "train", figures)
-                    advance(0, info=f"epoch {epoch + 1}/{config.epochs} loss {figures['train/loss']:.4g} "
-                                    f"{figures['train/images_per_second']:.0f} img/s")
-                if state.step % steps_per_epoch == 0 or state.step == total_steps:
-                    logger.log(state.step, "epoch", epoch_figures(model, state.epoch_counts, data, state.step,
-                                                                  steps_per_epoch, rank_batch, runtime))
-                    state.epoch_counts = {}
-                if data.eval_sample and (state.step % eval_every == 0 or state.step == total_steps):
-                    logger.log(state.step, "eval", score_sample(model, family, config, data.eval_sample, params,
-                                                                runtime))
-                if cluster.is_main and (state.step % params.train.checkpoint_every == 0 or state.step == total_steps):
-                    save_checkpoint(paths.checkpoint, state)
-                    logger.write_curves()
-                advance(1)
-    finally:
-        logger.close()
-        leave_cluster()
-
-    metrics = final_metrics(state.history) if cluster.is_main else {}
-    if cluster.is_main:
-        save_model(paths.model_dir, family, model, config, data.shape, {
-            "dataset_sha256": data.sha256, "seed": params.seed, "steps": state.step, "dvae_version": __version__,
-            "final_metrics": {name: value for name, value in metrics.items() if name not in TIMINGS}})
-    return TrainResult(model=model, steps=state.step, resumed_from=resumed_from, metrics=metrics,
-                       seconds=time.perf_counter() - started)
+        metrics = final_metrics(state.history) if cluster.is_main else {}
+        if cluster.is_main:
+            save_model(paths.model_dir, family, model, config, data.shape, {
+                "dataset_sha256": data.sha256, "seed": params.seed, "steps": state.step, "dvae_version": __version__,
+                "final_metrics": {name: value for name, value in metrics.items() if name not in TIMINGS}})
+        return TrainResult(model=model, steps=state.step, resumed_from=resumed_from, metrics=metrics,
+                           seconds=time.perf_counter() - started)

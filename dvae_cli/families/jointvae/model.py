@@ -31,6 +31,8 @@ HIDDEN_UNITS = 256
 FEATURE_CHANNELS = 64
 FEATURE_SIDE = 4
 """The encoder halves the image down to a FEATURE_CHANNELS × 4 × 4 map; the decoder doubles back up from it."""
+MAX_CATEGORIES = 1 << 16
+MAX_DISCRETE = 256
 
 
 @dataclass(frozen=True)
@@ -44,7 +46,7 @@ class CapacitySchedule:
 class JointVAEConfig:
     """The `jointvae` params section. Defaults are the quick CPU configuration; presets/ hold the paper's."""
 
-    continuous: int = param(6, help="number of Gaussian latent dimensions (may be 0)", ge=0)
+    continuous: int = param(6, help="number of Gaussian latent dimensions (may be 0)", ge=0, le=4096)
     discrete: list[int] = param(factory=lambda: [3], help="categories of each discrete variable (each ≥ 2)")
     temperature: float = param(0.67, help="Gumbel-softmax temperature τ", gt=0)
     likelihood: Literal["bernoulli", "gaussian"] = param("bernoulli", help="bernoulli (BCE) or gaussian (MSE)")
@@ -54,14 +56,17 @@ class JointVAEConfig:
     disc_capacity: CapacitySchedule = param(factory=lambda: CapacitySchedule(1.1, 1500, 1.0),
                                             help="C_c schedule (capped at Σ log k)")
     lr: float = param(1.0e-3, help="Adam learning rate", gt=0)
-    batch_size: int = param(64, help="global batch size", ge=1)
+    batch_size: int = param(64, help="global batch size", ge=1, le=1 << 16)
     epochs: int = param(6, help="passes over the train split", ge=1)
 
     def validate(self, key: KeyName) -> None:
         for i, categories in enumerate(self.discrete):
-            if categories < 2:
+            if not 2 <= categories <= MAX_CATEGORIES:
                 raise UserError(f"params: `{key('discrete')}[{i}]` is {categories}; a discrete variable needs "
-                                "at least 2 categories")
+                                f"2 to {MAX_CATEGORIES} categories")
+        if len(self.discrete) > MAX_DISCRETE:
+            raise UserError(f"params: `{key('discrete')}` lists {len(self.discrete)} variables; at most "
+                            f"{MAX_DISCRETE}")
         if self.continuous == 0 and not self.discrete:
             raise UserError(f"params: `{key('continuous')}` is 0 and `{key('discrete')}` is empty; "
                             "the latent needs at least one dimension")
@@ -249,8 +254,8 @@ class JointVAE(DiscreteVAE):
     def latent_attributes(self) -> dict[str, object]:
         return {"continuous": self.continuous, "discrete": list(self.discrete)}
 
-    def code_value_counts(self) -> dict[str, int]:
-        return {"discrete": max(self.discrete)} if self.discrete else {}
+    def code_value_counts(self) -> dict[str, int | tuple[int, ...]]:
+        return {"discrete": tuple(self.discrete)} if self.discrete else {}
 
     def _device(self) -> torch.device:
         return self.features_to_hidden[0].weight.device

@@ -20,7 +20,7 @@ from typing import Any
 import torch
 
 from dvae_cli.core.errors import UserError
-from dvae_cli.core.files import atomic_path, sha256_file
+from dvae_cli.core.files import atomic_path, check_output, sha256_file
 from dvae_cli.families.base import DataShape
 from dvae_cli.families.jointvae import FAMILY
 from dvae_cli.families.jointvae.model import CapacitySchedule, JointVAE, JointVAEConfig, load_reference_state_dict
@@ -150,6 +150,7 @@ def read_state_dict(path: Path) -> Mapping[str, torch.Tensor]:
 def import_reference(model_pt: Path, specs_path: Path, out: Path, base: JointVAEConfig,
                      force: bool = False) -> ImportResult:
     """Check both files, then write the model folder `out` atomically (replacing it only with `force`)."""
+    check_output(out, [model_pt, specs_path], folder=True)
     if out.exists() and not force and (not out.is_dir() or any(out.iterdir())):
         raise UserError(f"{out} already exists; pass --force to replace it, or another --out")
     state = read_state_dict(model_pt)

@@ -28,11 +28,11 @@ DECODER_INPUT_FORMAT = torch.channels_last
 class VQVAEConfig:
     """The `vqvae` params section. Defaults are the quick CPU configuration; presets/ hold the paper's."""
 
-    hidden: int = param(32, help="channels of the convolutional trunk", ge=1)
-    res_blocks: int = param(1, help="residual blocks in encoder and decoder", ge=0)
-    downsample: int = param(4, help="image side / code map side: 2, 4, 8, ... (a power of two)", ge=2)
-    num_codes: int = param(64, help="codebook size K", ge=2)
-    code_dim: int = param(16, help="code vector dimension D", ge=1)
+    hidden: int = param(32, help="channels of the convolutional trunk", ge=1, le=4096)
+    res_blocks: int = param(1, help="residual blocks in encoder and decoder", ge=0, le=64)
+    downsample: int = param(4, help="image side / code map side: 2, 4, 8, ... (a power of two)", ge=2, le=256)
+    num_codes: int = param(64, help="codebook size K", ge=2, le=1 << 16)
+    code_dim: int = param(16, help="code vector dimension D", ge=1, le=4096)
     beta: float = param(0.25, help="commitment weight β", ge=0)
     codebook_update: Literal["ema", "loss"] = param("ema", help="ema (online k-means) or loss (codebook term)")
     ema_decay: float = param(0.99, help="EMA decay γ, in (0, 1)", gt=0, lt=1)
@@ -40,7 +40,7 @@ class VQVAEConfig:
     dead_code_threshold: float = param(1.0, help="EMA usage below which a code is re-seeded; 0 turns it off", ge=0)
     likelihood: Literal["bernoulli", "gaussian"] = param("gaussian", help="gaussian (MSE) or bernoulli (BCE)")
     lr: float = param(1.0e-3, help="Adam learning rate", gt=0)
-    batch_size: int = param(64, help="global batch size", ge=1)
+    batch_size: int = param(64, help="global batch size", ge=1, le=1 << 16)
     epochs: int = param(3, help="passes over the train split", ge=1)
 
     def validate(self, key: KeyName) -> None:
@@ -200,7 +200,7 @@ class VQVAE(DiscreteVAE):
         side = self.data.image_size // self.config.downsample
         return {"latent_shape": [side, side], "num_codes": self.config.num_codes, "code_dim": self.config.code_dim}
 
-    def code_value_counts(self) -> dict[str, int]:
+    def code_value_counts(self) -> dict[str, int | tuple[int, ...]]:
         return {"codes": self.config.num_codes}
 
     def extra_arrays(self) -> dict[str, Tensor]:
