@@ -375,18 +375,7 @@ def _terminate(signum: int, frame: object) -> None:
 
 
 def run() -> None:
-    """Console-script entry point: Ctrl-C and SIGTERM remove the temporary files being written, then exit 130 / 143.
-
-    A failed command leaves without the interpreter's exit handlers: after a write the filesystem refused, HDF5's
-    objects can crash the final garbage collection (segmentation fault), and a failed command has nothing to finish.
-    """
+    """Console-script entry point: Ctrl-C and SIGTERM remove the temporary files being written, then exit 130 / 143."""
     signal.signal(signal.SIGINT, _terminate)
     signal.signal(signal.SIGTERM, _terminate)
-    try:
-        app()
-    except SystemExit as stop:
-        if stop.code in (None, 0):
-            raise
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(stop.code if isinstance(stop.code, int) else 1)
+    app()

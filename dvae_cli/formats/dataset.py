@@ -278,7 +278,6 @@ def open_hdf5(path: Path, expected_format: str, expected_version: int, what: str
     return file
 
 
-
 class _KeepRefusedWrite(io.RawIOBase):
     """The file a NewHDF5File writes through. A write the filesystem refuses (no space, file-size limit) is kept,
     not raised: HDF5 flushes from finalizers, where an exception is only printed, and the file must still close.

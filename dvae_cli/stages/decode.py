@@ -123,12 +123,11 @@ def decode_codes_file(params: Params, codes_path: Path, out: Path, rows_text: st
     as_image = out.suffix.lower() in IMAGE_SUFFIXES
     if not as_image and out.suffix.lower() not in DATASET_SUFFIXES:
         raise UserError(f"--out {out} must end in .png (an image grid) or .h5 (a dataset file)")
-    check_output(out, [codes_path, *(model_files(model_dir) if model_dir else [])])
     runtime = resolve_runtime(params.runtime)
     with CodesFile(codes_path) as codes:
         rows = parse_rows(rows_text, len(codes))
         folder = model_dir or codes.model_dir
-        check_output(out, model_files(folder))
+        check_output(out, [codes_path, *model_files(folder)])
         loaded = load_model(folder, codes.family, runtime.device, force=force)
         weights_match = check_model_matches(codes, loaded, folder, force)
         batches = decode_batches(runtime.prepare(loaded.model), codes, rows, params.encode.batch_size, runtime)

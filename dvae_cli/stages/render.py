@@ -44,10 +44,8 @@ def _seeded_rows(rows: np.ndarray, count: int, seed: int) -> np.ndarray:
 
 def _check_out_folder(out: Path, files: tuple[str, ...]) -> None:
     """Refuse to replace a folder that holds anything render did not write: the whole folder is replaced."""
-    if not out.exists():
-        return
     if not out.is_dir():
-        raise UserError(f"--out {out} is a file; pass a folder for the renders")
+        return
     foreign = sorted(path.name for path in out.iterdir() if path.name not in files)
     if foreign:
         raise UserError(f"--out {out} holds {foreign[0]!r}, which dvae render did not write, and render replaces "

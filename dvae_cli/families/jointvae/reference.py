@@ -151,7 +151,7 @@ def import_reference(model_pt: Path, specs_path: Path, out: Path, base: JointVAE
                      force: bool = False) -> ImportResult:
     """Check both files, then write the model folder `out` atomically (replacing it only with `force`)."""
     check_output(out, [model_pt, specs_path], folder=True)
-    if out.exists() and not force and (not out.is_dir() or any(out.iterdir())):
+    if out.is_dir() and not force and any(out.iterdir()):
         raise UserError(f"{out} already exists; pass --force to replace it, or another --out")
     state = read_state_dict(model_pt)
     specs = read_specs(specs_path, base)
