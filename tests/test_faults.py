@@ -25,7 +25,7 @@ from typer.testing import CliRunner
 
 from dvae_cli.cli import app
 from dvae_cli.core.files import exclusive_lock
-from dvae_cli.stages.train import LOCK
+from dvae_cli.trainer import LOCK
 
 
 @dataclass(frozen=True)
@@ -64,7 +64,7 @@ def digest(folder: Path) -> dict[str, str]:
             for path in sorted(folder.rglob("*")) if path.is_file() or path.is_symlink()}
 
 
-PROGRESS = ("prepare ", "train ", "encode ", "decode ", "evaluate ", "render ")
+PROGRESS = ("prepare ", "train ", "encode ", "decode ", "evaluate ", "render ", "compare ")
 """How the plain progress lines of a log start; the work done before a fault is found prints them."""
 
 

@@ -24,7 +24,8 @@ from dvae_cli.formats.checkpoint import read_checkpoint
 from dvae_cli.formats.dataset import pixel_histogram, pixel_variance
 from dvae_cli.params import load_params
 from dvae_cli.stages.prepare import prepare_data
-from dvae_cli.stages.train import TrainPaths, epoch_permutation, train
+from dvae_cli.stages.train import TrainPaths, train
+from dvae_cli.trainer import epoch_permutation
 from tests.conftest import TINY_PARAMS
 
 FAMILIES = ("jointvae", "vqvae")

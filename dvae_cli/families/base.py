@@ -34,14 +34,14 @@ class LossOutput:
     """The scalar to minimise."""
     terms: dict[str, Tensor]
     """Named scalar terms for logging (recon, kl_z, commitment, ...)."""
-    reconstruction: Tensor
-    """The reconstruction in [0, 1] (for the MSE the trainer logs)."""
+    reconstruction: Tensor | None = None
+    """The reconstruction in [0, 1] of a model of images (for the MSE the trainer logs)."""
     counts: dict[str, Tensor] = field(default_factory=dict)
     """Per-batch counts the trainer sums over an epoch and hands to `epoch_logs` (e.g. code usage)."""
 
 
-class DiscreteVAE(nn.Module):
-    """Base class of the model families. Images are float [N, C, H, W] in [0, 1]."""
+class Trainable(nn.Module):
+    """What the shared training loop (`dvae_cli.trainer`) trains: a loss of a batch at a step."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -70,6 +70,14 @@ class DiscreteVAE(nn.Module):
         """The training objective at optimisation step `step` (training mode samples, eval mode is deterministic)."""
         raise NotImplementedError
 
+    def epoch_logs(self, counts: dict[str, Tensor]) -> dict[str, float]:
+        """Figures logged once per epoch from the summed per-batch `counts`."""
+        return {}
+
+
+class DiscreteVAE(Trainable):
+    """Base class of the model families. Images are float [N, C, H, W] in [0, 1]."""
+
     def encode(self, x: Tensor) -> dict[str, Tensor]:
         """Evaluation-mode representation: the arrays the codes file stores, by name."""
         raise NotImplementedError
@@ -82,10 +90,6 @@ class DiscreteVAE(nn.Module):
     def reconstruct(self, x: Tensor) -> Tensor:
         """Evaluation-mode reconstruction in [0, 1]: decode(encode(x))."""
         return self.decode(self.encode(x))
-
-    def epoch_logs(self, counts: dict[str, Tensor]) -> dict[str, float]:
-        """Figures logged once per epoch from the summed per-batch `counts`."""
-        return {}
 
     def latent_attributes(self) -> dict[str, object]:
         """What the codes file records about the latent (shape, K and D, or the latent spec)."""
@@ -117,6 +121,8 @@ class Family:
     """`dvae render`'s pictures; `advance()` once per entry of `picture_files`."""
     picture_files: tuple[str, ...]
     """Every file `pictures` can write."""
+    code_map: str | None = None
+    """The `encode` array holding an integer code map [h, w] that `dvae prior` can model (None: the family has none)."""
 
 
 def out_of_range_codes(model: DiscreteVAE, latent: Mapping[str, np.ndarray | Tensor]) -> str | None:
