@@ -7,6 +7,7 @@ User mistakes exit 2 with one line on stderr; bugs exit 1 (`--debug` or DVAE_DEB
 from __future__ import annotations
 
 import functools
+import json
 import os
 import signal
 import sys
@@ -21,7 +22,7 @@ from dvae_cli import __version__
 from dvae_cli.core.errors import UserError
 from dvae_cli.core.files import refused_write, remove_pending_temporaries
 from dvae_cli.core.progress import console
-from dvae_cli.families import FAMILIES, get_family
+from dvae_cli.families import FAMILIES, code_map_name, get_family
 from dvae_cli.params import Params, load_params, parse_set_options
 
 app = typer.Typer(add_completion=True, no_args_is_help=True, pretty_exceptions_enable=False,
@@ -327,6 +328,134 @@ def render_command(
     for name, size in result.files.items():
         table.add_row(name, "data" if size is None else f"{size[0]}×{size[1]}")
     console().print(table)
+
+
+@app.command("prior")
+@user_facing
+def prior_command(
+    model: ModelOption,
+    params_file: ParamsOption = Path("params.yaml"),
+    preset: PresetOption = None,
+    codes: Annotated[Path | None, typer.Option(help="codes file [default: data/codes/MODEL.h5]")] = None,
+    model_dir: Annotated[Path | None, typer.Option(help="the model that wrote the codes [default: models/MODEL]")
+                         ] = None,
+    out: Annotated[Path | None, typer.Option(help="prior folder [default: models/MODEL-prior]")] = None,
+    live: Annotated[Path | None, typer.Option(help="DVCLive folder [default: dvclive/MODEL-prior]")] = None,
+    metrics: Annotated[Path | None, typer.Option(help="test NLL file [default: metrics/MODEL-prior.json]")] = None,
+    epochs: Annotated[int | None, typer.Option(help="override prior.epochs")] = None,
+    max_steps: Annotated[int | None, typer.Option(help="override train.max_steps")] = None,
+    device: Annotated[str | None, typer.Option(help="override runtime.device")] = None,
+    seed: Annotated[int | None, typer.Option(help="override seed")] = None,
+    restart: Annotated[bool, typer.Option(help="ignore an existing checkpoint and start over")] = False,
+    restart_on_mismatch: Annotated[bool, typer.Option(
+        help="resume a matching checkpoint, start over when params changed (what the DVC stage uses)")] = False,
+    set_: SetOption = None,
+) -> None:
+    """Train an autoregressive prior over the code maps of the codes file's train split; report its test NLL."""
+    from dvae_cli.stages.prior import PriorPaths, train_prior
+
+    family = check_family(model)
+    code_map_name(family)
+    params = params_with(params_file, preset, set_, prior__epochs=epochs, train__max_steps=max_steps,
+                         runtime__device=device, seed=seed)
+    paths = PriorPaths(codes=codes or Path("data/codes") / f"{family}.h5",
+                       model_dir=model_dir or Path("models") / family, out=out or Path("models") / f"{family}-prior",
+                       live_dir=live or Path("dvclive") / f"{family}-prior",
+                       metrics=metrics or Path("metrics") / f"{family}-prior.json")
+    result = train_prior(params, family, paths, restart=restart, restart_on_mismatch=restart_on_mismatch)
+    if result.resumed_from:
+        typer.echo(f"{family} prior: resumed from step {result.resumed_from} of {paths.folders.checkpoint}", err=True)
+    test = json.loads(paths.metrics.read_text())["test"]
+    table = Table(title=f"{family} prior: {result.steps} steps in {result.seconds:.0f} s",
+                  caption=f"written to {paths.out} and {paths.metrics}")
+    table.add_column(f"{test['split']} split, {test['maps']:,} code maps")
+    table.add_column("value", justify="right")
+    table.add_row("bits per code", f"{test['bits_per_code']:.4f}")
+    table.add_row("bits per image", f"{test['bits_per_image']:.1f}")
+    table.add_row("bits per image, uniform codes", f"{test['uniform_bits_per_image']:.1f}")
+    console().print(table)
+
+
+@app.command("sample")
+@user_facing
+def sample_command(
+    model: ModelOption,
+    params_file: ParamsOption = Path("params.yaml"),
+    preset: PresetOption = None,
+    prior_dir: Annotated[Path | None, typer.Option("--prior", help="prior folder [default: models/MODEL-prior]")
+                         ] = None,
+    model_dir: Annotated[Path | None, typer.Option(help="model folder that decodes [default: models/MODEL]")] = None,
+    out: Annotated[Path | None, typer.Option(
+        help="PNG of the samples [default: renders/MODEL-prior/prior_samples.png]")] = None,
+    codes_out: Annotated[Path | None, typer.Option(
+        help="codes file of the drawn maps [default: data/codes/MODEL-samples.h5]")] = None,
+    count: Annotated[int | None, typer.Option("--count", "-n", help="override prior.sample.count")] = None,
+    temperature: Annotated[float | None, typer.Option(help="override prior.sample.temperature")] = None,
+    top_k: Annotated[int | None, typer.Option(help="override prior.sample.top_k")] = None,
+    device: Annotated[str | None, typer.Option(help="override runtime.device")] = None,
+    seed: Annotated[int | None, typer.Option(help="override seed")] = None,
+    set_: SetOption = None,
+) -> None:
+    """Draw code maps from the prior and decode them: a PNG grid and a codes file `dvae decode` reads."""
+    from dvae_cli.stages.sample import SamplePaths, draw
+
+    family = check_family(model)
+    code_map_name(family)
+    params = params_with(params_file, preset, set_, prior__sample__count=count, prior__sample__temperature=temperature,
+                         prior__sample__top_k=top_k, runtime__device=device, seed=seed)
+    paths = SamplePaths(prior_dir=prior_dir or Path("models") / f"{family}-prior",
+                        model_dir=model_dir or Path("models") / family,
+                        picture=out or Path("renders") / f"{family}-prior" / "prior_samples.png",
+                        codes=codes_out or Path("data/codes") / f"{family}-samples.h5")
+    result = draw(params, paths, family)
+    per_class = f", {result.count // len(result.classes)} per class" if result.classes else ""
+    typer.echo(f"drew {result.count} code maps{per_class} into {result.picture} and {result.codes} "
+               f"({result.seconds:.1f} s)", err=True)
+
+
+@app.command("compare")
+@user_facing
+def compare_command(
+    model: ModelOption,
+    params_file: ParamsOption = Path("params.yaml"),
+    preset: PresetOption = None,
+    dataset: DatasetOption = Path("data/prepared/dataset.h5"),
+    model_dir: Annotated[Path | None, typer.Option(help="model folder [default: models/MODEL]")] = None,
+    codes: Annotated[Path | None, typer.Option(help="codes file [default: data/codes/MODEL.h5]")] = None,
+    prior_dir: Annotated[Path | None, typer.Option("--prior", help="prior folder [default: models/MODEL-prior]")
+                         ] = None,
+    table: Annotated[Path | None, typer.Option(
+        help="CSV of every point [default: renders/MODEL-prior/rate_distortion.csv]")] = None,
+    out: Annotated[Path | None, typer.Option(
+        help="PNG plot [default: renders/MODEL-prior/rate_distortion.png]")] = None,
+    metrics: Annotated[Path | None, typer.Option(
+        help="summary [default: metrics/MODEL-rate-distortion.json]")] = None,
+    device: Annotated[str | None, typer.Option(help="override runtime.device")] = None,
+    seed: Annotated[int | None, typer.Option(help="override seed (the patch k-means sample)")] = None,
+    set_: SetOption = None,
+) -> None:
+    """Rate–distortion on the test split: the codes (plain and coded by the prior) against k-means VQ, JPEG, WebP."""
+    from dvae_cli.stages.compare import ComparePaths, compare
+
+    family = check_family(model)
+    code_map_name(family)
+    params = params_with(params_file, preset, set_, runtime__device=device, seed=seed)
+    folder = Path("renders") / f"{family}-prior"
+    paths = ComparePaths(dataset=dataset, model_dir=model_dir or Path("models") / family,
+                         codes=codes or Path("data/codes") / f"{family}.h5",
+                         prior_dir=prior_dir or Path("models") / f"{family}-prior",
+                         table=table or folder / "rate_distortion.csv", picture=out or folder / "rate_distortion.png",
+                         metrics=metrics or Path("metrics") / f"{family}-rate-distortion.json")
+    result = compare(params, family, paths)
+    summary = Table(title=f"{family}: rate–distortion on {result.summary['images']:,} images ({result.seconds:.0f} s)",
+                    caption=f"every point in {paths.table}, plotted in {paths.picture}")
+    summary.add_column("method")
+    summary.add_column("setting")
+    summary.add_column("bits per image", justify="right")
+    summary.add_column("PSNR dB", justify="right")
+    for point in result.points:
+        summary.add_row(point.method, point.setting, f"{point.bits_per_image:,.0f}", f"{point.psnr:.2f}")
+    console().print(summary)
 
 
 @app.command("import-reference")

@@ -1,7 +1,7 @@
 """params.yaml as typed, validated config objects: the one set of defaults and the loader.
 
 Sections: seed, models, data, runtime (read by every stage), train (the shared training loop), one section per
-registered model family (its config class lives beside its model), encode, evaluate, render. Precedence:
+registered model family (its config class lives beside its model), encode, evaluate, render, prior. Precedence:
 command-line flag > preset > params file > the defaults declared here and in the family configs. Unknown keys,
 wrong types, out-of-range values and keys of an older layout are `UserError`s that name the key.
 """
@@ -20,6 +20,7 @@ import yaml
 from dvae_cli.core.errors import UserError
 from dvae_cli.core.schema import DERIVED, KeyName, build, convert, param
 from dvae_cli.families import FAMILIES
+from dvae_cli.families.prior import PriorConfig
 
 PRESETS_FOLDER = Path("presets")
 MOVED_KEYS = {"train.device": "runtime.device", "train.precision": "runtime.precision",
@@ -108,6 +109,7 @@ class Params:
     encode: EncodeConfig = param(factory=EncodeConfig, help="dvae encode")
     evaluate: EvaluateConfig = param(factory=EvaluateConfig, help="dvae evaluate")
     render: RenderConfig = param(factory=RenderConfig, help="dvae render")
+    prior: PriorConfig = param(factory=PriorConfig, help="dvae prior and dvae sample: the prior over code maps")
     model_configs: Mapping[str, Any] = field(default_factory=_default_model_configs, metadata={DERIVED: True})
     """Family name → its section (the family's config class), for every registered family."""
 

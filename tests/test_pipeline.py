@@ -30,16 +30,25 @@ def merged(base: dict, changes: dict) -> dict:
 # The shipped params.yaml (DVC needs every key a stage tracks) with the tiny sizes of the test suite (and the
 # shipped 6 continuous dimensions, which dvc.yaml's KL chart names).
 PIPELINE_PARAMS = merged(yaml.safe_load((PROJECT / "params.yaml").read_text()),
-                         {**TINY_PARAMS, "jointvae": {**TINY_PARAMS["jointvae"], "epochs": 4, "continuous": 6}})
+                         {**TINY_PARAMS, "jointvae": {**TINY_PARAMS["jointvae"], "epochs": 4, "continuous": 6},
+                          "prior": {"width": 32, "layers": 1, "heads": 2, "sample": {"count": 9}}})
 FAMILIES = ("jointvae", "vqvae")
 ARTIFACTS = ["data/prepared/dataset.h5"] + [
     path for family in FAMILIES for path in (f"models/{family}/model.safetensors", f"models/{family}/config.json",
-                                             f"data/codes/{family}.h5", f"metrics/{family}.json")]
+                                             f"data/codes/{family}.h5", f"metrics/{family}.json")] + [
+    "models/vqvae-prior/model.safetensors", "models/vqvae-prior/config.json", "metrics/vqvae-prior.json",
+    "data/codes/vqvae-samples.h5", "metrics/vqvae-rate-distortion.json"]
 CHARTS = {"jointvae-loss", "jointvae-kl-z", "jointvae-kl-c", "jointvae-reconstruction", "jointvae-disentanglement",
-          "vqvae-loss", "vqvae-loss-terms", "vqvae-code-usage", "vqvae-perplexity", "vqvae-reconstruction"}
+          "vqvae-loss", "vqvae-loss-terms", "vqvae-code-usage", "vqvae-perplexity", "vqvae-reconstruction",
+          "vqvae-prior-bits"}
 PICTURES = {"renders/jointvae/traversals.png", "renders/jointvae/discrete_x_continuous.png",
             "renders/jointvae/reconstructions.png", "renders/jointvae/samples.png", "renders/vqvae/reconstructions.png",
-            "renders/vqvae/code_maps.png", "renders/vqvae/codebook.png", "renders/vqvae/code_usage.csv"}
+            "renders/vqvae/code_maps.png", "renders/vqvae/codebook.png", "renders/vqvae/code_usage.csv",
+            "renders/vqvae-prior/prior_samples.png", "renders/vqvae-prior/rate_distortion.csv",
+            "renders/vqvae-prior/rate_distortion.png"}
+
+
+VQVAE_STAGES = ("evaluate@vqvae", "render@vqvae")
 
 
 def make_project(folder: Path, params: dict = PIPELINE_PARAMS) -> Path:
@@ -81,7 +90,8 @@ def project(tmp_path_factory: pytest.TempPathFactory) -> Path:
     folder = make_project(tmp_path_factory.mktemp("pipeline") / "project")
     output = run(["dvc", "repro"], folder)
     assert stages_run(output) == {"prepare", *(f"{stage}@{family}" for stage in ("train", "encode", "evaluate",
-                                                                                  "render") for family in FAMILIES)}
+                                                                                  "render") for family in FAMILIES),
+                                  "prior@vqvae", "sample@vqvae", "compare@vqvae"}
     return folder
 
 
@@ -119,6 +129,7 @@ def test_a_fresh_clone_draws_the_committed_curves_and_pictures(project: Path, tm
     run(["git", "add", "-A"], project)
     run(["git", "-c", "user.name=test", "-c", "user.email=test@example.com", "commit", "-qm", "run"], project)
     assert run(["git", "ls-files", "models"], project).split() == ["models/jointvae/.gitignore",
+                                                                   "models/vqvae-prior/.gitignore",
                                                                    "models/vqvae/.gitignore"]
     run(["git", "clone", "-q", str(project), str(tmp_path / "clone")], tmp_path)
     clone = tmp_path / "clone"
@@ -145,6 +156,12 @@ def test_second_repro_does_nothing_and_render_steps_rerun_only_render(project: P
     params["render"]["steps"] = 5
     (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     assert stages_run(run(["dvc", "repro"], project)) == {"render@jointvae", "render@vqvae"}
+    count, params["prior"]["sample"]["count"] = params["prior"]["sample"]["count"], 6
+    (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    assert stages_run(run(["dvc", "repro"], project)) == {"sample@vqvae"}
+    params["prior"]["sample"]["count"] = count  # back, restored from the run cache (a later test compares the files)
+    (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    run(["dvc", "repro"], project)
 
     params["vqvae"]["num_codes"] = 32
     (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
@@ -179,10 +196,11 @@ def test_returning_to_an_experiment_restores_it_from_the_run_cache(tmp_path: Pat
                "dvclive/vqvae/plots/epoch.json", "dvclive/vqvae/plots/eval.json",
                *sorted(picture for picture in PICTURES if picture.startswith("renders/vqvae/"))]
     learning_rate = PIPELINE_PARAMS["vqvae"]["lr"]
-    assert "train@vqvae" in stages_run(run(["dvc", "exp", "run", "-S", f"vqvae.lr={learning_rate}"], folder))
+    # The VQ-VAE's own stages (and what they depend on); the prior's, downstream, would only add minutes.
+    assert "train@vqvae" in stages_run(run(["dvc", "exp", "run", *VQVAE_STAGES, "-S", f"vqvae.lr={learning_rate}"], folder))
     first = digests(folder, outputs)
-    assert "train@vqvae" in stages_run(run(["dvc", "exp", "run", "-S", f"vqvae.lr={2 * learning_rate}"], folder))
+    assert "train@vqvae" in stages_run(run(["dvc", "exp", "run", *VQVAE_STAGES, "-S", f"vqvae.lr={2 * learning_rate}"], folder))
     assert digests(folder, outputs) != first
-    again = run(["dvc", "exp", "run", "-S", f"vqvae.lr={learning_rate}"], folder)
+    again = run(["dvc", "exp", "run", *VQVAE_STAGES, "-S", f"vqvae.lr={learning_rate}"], folder)
     assert stages_run(again) == set() and "Stage 'train@vqvae' is cached" in again
     assert digests(folder, outputs) == first

@@ -15,4 +15,14 @@ def get_family(name: str) -> Family:
     return FAMILIES[name]
 
 
-__all__ = ["FAMILIES", "DataShape", "DiscreteVAE", "Family", "LossOutput", "get_family"]
+def code_map_name(name: str) -> str:
+    """The `encode` array of family `name` that holds a code map a prior can model."""
+    code_map = get_family(name).code_map
+    if code_map is None:
+        having = [family for family, entry in FAMILIES.items() if entry.code_map is not None]
+        raise UserError(f"--model {name}: {name} codes hold no code map for a prior to model; priors model the "
+                        f"code maps of {' | '.join(having)}")
+    return code_map
+
+
+__all__ = ["FAMILIES", "DataShape", "DiscreteVAE", "Family", "LossOutput", "code_map_name", "get_family"]

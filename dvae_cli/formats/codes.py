@@ -11,6 +11,7 @@ precision it was encoded in.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import math
 from collections import deque
@@ -187,10 +188,17 @@ def new_codes_file(path: Path) -> h5py.File:
     return NewHDF5File(path, libver=("v108", "v108"))
 
 
-def create_codes_file(file: h5py.File, header: CodesHeader, dataset: DatasetFile, model: DiscreteVAE,
-                      specs: Sequence[ArraySpec], rows_per_chunk: int) -> dict[str, h5py.Dataset]:
-    """Write the attributes (the model's once-only arrays among them) and the copied dataset arrays into a
-    `new_codes_file`; returns its empty, compressed latent arrays (one per spec) for a `ChunkedRowWriter` to fill."""
+def copied_arrays(dataset: DatasetFile) -> dict[str, np.ndarray]:
+    """The dataset's per-row arrays a codes file keeps: the split, and labels and factors when present."""
+    return {name: values for name in COPIED_ARRAYS if (values := getattr(dataset, name)) is not None}
+
+
+def create_codes_file(file: h5py.File, header: CodesHeader, copied: dict[str, np.ndarray], model: DiscreteVAE,
+                      specs: Sequence[ArraySpec], rows_per_chunk: int, source_paths: h5py.Dataset | None = None
+                      ) -> dict[str, h5py.Dataset]:
+    """Write the attributes (the model's once-only arrays among them), the `copied` per-row arrays (`split` among them)
+    and `source_paths` into a `new_codes_file`; returns its empty, compressed latent arrays (one per spec) for a
+    `ChunkedRowWriter` to fill."""
     attrs = file.attrs
     attrs["format"] = FORMAT
     attrs["format_version"] = FORMAT_VERSION
@@ -212,13 +220,11 @@ def create_codes_file(file: h5py.File, header: CodesHeader, dataset: DatasetFile
     for name, tensor in model_arrays.items():
         attrs[name] = tensor.detach().cpu().float().numpy()
     compression = {"compression": COMPRESSION, "compression_opts": COMPRESSION_LEVEL}
-    for name in COPIED_ARRAYS:
-        values = getattr(dataset, name)
-        if values is not None:
-            file.create_dataset(name, data=values, chunks=(rows_per_chunk, *values.shape[1:]), **compression)
-    if SOURCE_PATHS in dataset.file:
-        dataset.file.copy(dataset.file[SOURCE_PATHS], file)
-    return create_latent_datasets(file, specs, len(dataset.split), rows_per_chunk, **compression)
+    for name, values in copied.items():
+        file.create_dataset(name, data=values, chunks=(rows_per_chunk, *values.shape[1:]), **compression)
+    if source_paths is not None:
+        source_paths.file.copy(source_paths, file, name=SOURCE_PATHS)
+    return create_latent_datasets(file, specs, len(copied["split"]), rows_per_chunk, **compression)
 
 
 def create_latent_datasets(file: h5py.File, specs: Sequence[ArraySpec], num_rows: int, rows_per_chunk: int,
@@ -368,3 +374,18 @@ class CodesFile:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def model_codebook_sha256(model: DiscreteVAE) -> str:
+    """`model_arrays_sha256` of the arrays `model` would store (compared with a codes file's or a prior's)."""
+    arrays = model.extra_arrays()
+    return model_arrays_sha256({name: tensor.detach().cpu().float().numpy() for name, tensor in arrays.items()})
+
+
+def model_arrays_sha256(arrays: dict[str, np.ndarray]) -> str:
+    """One hash of the arrays a model stores once (the VQ-VAE codebook), as float32 in name order: what tells the
+    codes of one model from another's."""
+    digest = hashlib.sha256()
+    for name in sorted(arrays):
+        digest.update(name.encode() + b"\0" + np.ascontiguousarray(arrays[name], dtype=np.float32).tobytes())
+    return digest.hexdigest()

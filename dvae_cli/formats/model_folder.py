@@ -17,6 +17,7 @@ from dvae_cli.core.errors import UserError
 from dvae_cli.core.files import sha256_file, write_bytes_atomic, write_json_atomic
 from dvae_cli.core.schema import build
 from dvae_cli.families import FAMILIES, DataShape, DiscreteVAE
+from dvae_cli.families.prior import CodeMaps, CodePrior, PriorConfig
 
 WEIGHTS = "model.safetensors"
 CONFIG = "config.json"
@@ -50,13 +51,16 @@ def save_model(folder: Path, family: str, model: DiscreteVAE, config: Any, data:
                extra: dict[str, Any]) -> str:
     """Write weights then config.json (each atomically); returns the weights' sha256. `extra` holds no timings or
     host facts, so that equal weights give equal files."""
+    return _write_folder(folder, model, {"family": family, "dvae_version": __version__,
+                                         "model": dataclasses.asdict(config), "data": dataclasses.asdict(data), **extra})
+
+
+def _write_folder(folder: Path, model: torch.nn.Module, record: dict[str, Any]) -> str:
     # One metadata key only: safetensors keeps metadata in a hash map, so several keys come out in varying order.
     weights = save(contiguous_state_dict(model), metadata={"format": "dvae-weights"})
     write_bytes_atomic(folder / WEIGHTS, weights)
     weights_sha256 = sha256_file(folder / WEIGHTS)
-    record = {"family": family, "dvae_version": __version__, "model": dataclasses.asdict(config),
-              "data": dataclasses.asdict(data), "weights_sha256": weights_sha256, **extra}
-    write_json_atomic(folder / CONFIG, record)
+    write_json_atomic(folder / CONFIG, {**record, "weights_sha256": weights_sha256})
     return weights_sha256
 
 
@@ -66,13 +70,13 @@ def _config_json_error(path: Path, error: UserError, family: str) -> UserError:
     return UserError(f"{path}: {detail}; re-create it with `dvae train --model {family}`")
 
 
-def _weights_shapes(path: Path, family: str) -> dict[str, tuple[int, ...]]:
+def _weights_shapes(path: Path, remake: str) -> dict[str, tuple[int, ...]]:
     """Every tensor's shape from the safetensors header, without reading the tensors."""
     try:
         with safe_open(path, "pt") as weights:
             return {name: tuple(weights.get_slice(name).get_shape()) for name in weights.keys()}  # noqa: SIM118
     except (SafetensorError, OSError):
-        raise UserError(f"{path} is damaged; re-create it with `dvae train --model {family}`") from None
+        raise UserError(f"{path} is damaged; {remake}") from None
 
 
 def load_model(folder: Path, family: str | None = None, device: torch.device | str = "cpu",
@@ -93,6 +97,9 @@ def load_model(folder: Path, family: str | None = None, device: torch.device | s
         found_family = record["family"]
     except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError):
         raise UserError(f"{config_path} is not a dvae model config; re-create it with `dvae train`") from None
+    if record.get("prior_of") is not None:
+        raise UserError(f"{folder} holds a prior over {record['prior_of']} codes, not a model; pass the model folder "
+                        f"(models/{record['prior_of']})")
     if found_family not in FAMILIES:
         raise UserError(f"{config_path} names unknown model family {found_family!r}")
     if family is not None and found_family != family:
@@ -112,7 +119,7 @@ def load_model(folder: Path, family: str | None = None, device: torch.device | s
     with torch.device("meta"):
         expected = {key: tuple(tensor.shape)
                     for key, tensor in FAMILIES[found_family].model(config, data).state_dict().items()}
-    if _weights_shapes(weights_path, found_family) != expected:
+    if _weights_shapes(weights_path, f"re-create it with `dvae train --model {found_family}`") != expected:
         raise UserError(f"{weights_path} does not match {config_path} (other tensors or shapes); re-create them "
                         f"with `dvae train --model {found_family}`")
     weights_sha256 = sha256_file(weights_path)
@@ -128,3 +135,53 @@ def load_model(folder: Path, family: str | None = None, device: torch.device | s
     model.to(device).eval()
     return LoadedModel(model=model, family=found_family, config=config, data=data, record=record,
                        weights_sha256=weights_sha256)
+
+
+PRIOR = "prior"
+"""The `family` a prior's config.json names (beside `prior_of`, the family whose codes it models)."""
+
+
+@dataclass
+class LoadedPrior:
+    model: CodePrior
+    config: PriorConfig
+    maps: CodeMaps
+    record: dict[str, Any]
+    """The whole config.json: `prior_of`, `codebook_sha256`, `codes_sha256`, `dataset_info`, `class_names`, ..."""
+
+
+def save_prior(folder: Path, of: str, model: CodePrior, extra: dict[str, Any]) -> str:
+    """A prior's folder: weights, then config.json with its config, its code maps and `extra` (no timings)."""
+    return _write_folder(folder, model, {"family": PRIOR, "prior_of": of, "dvae_version": __version__,
+                                         "prior": dataclasses.asdict(model.config),
+                                         "maps": dataclasses.asdict(model.maps), **extra})
+
+
+def load_prior(folder: Path, of: str, device: torch.device | str = "cpu") -> LoadedPrior:
+    """Rebuild a trained prior over `of`'s codes from its folder, in evaluation mode (checked as `load_model` checks
+    a model folder)."""
+    folder = Path(folder)
+    config_path, weights_path = folder / CONFIG, folder / WEIGHTS
+    remake = f"re-create it with `dvae prior --model {of}`"
+    if not config_path.is_file() or not weights_path.is_file():
+        raise UserError(f"{folder} has no trained prior; make it with `dvae prior --model {of}`")
+    try:
+        record = json.loads(config_path.read_text())
+        found = record["prior_of"] if record["family"] == PRIOR else None
+    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError):
+        raise UserError(f"{config_path} is not a dvae prior config; {remake}") from None
+    if found != of:
+        raise UserError(f"{folder} holds no prior over {of} codes; pass the folder `dvae prior --model {of}` wrote")
+    try:
+        config = build(PriorConfig, record["prior"], "prior")
+        maps = build(CodeMaps, record["maps"], "maps")
+    except (UserError, TypeError, KeyError, AttributeError):
+        raise UserError(f"{config_path} has a damaged `prior` or `maps` section; {remake}") from None
+    with torch.device("meta"):
+        expected = {key: tuple(tensor.shape) for key, tensor in CodePrior(config, maps).state_dict().items()}
+    if _weights_shapes(weights_path, remake) != expected or sha256_file(weights_path) != record.get("weights_sha256"):
+        raise UserError(f"{weights_path} is not the file {config_path} names (other tensors, or replaced or damaged); "
+                        f"{remake}")
+    model = CodePrior(config, maps)
+    model.load_state_dict(load_file(weights_path))
+    return LoadedPrior(model=model.to(device).eval(), config=config, maps=maps, record=record)

@@ -36,6 +36,7 @@ from dvae_cli.formats.codes import (
     ChunkedRowWriter,
     CodesHeader,
     chunk_rows,
+    copied_arrays,
     create_codes_file,
     create_latent_datasets,
     latent_specs,
@@ -44,6 +45,7 @@ from dvae_cli.formats.codes import (
 from dvae_cli.formats.dataset import (
     DATASET_MAKER,
     DatasetFile,
+    SOURCE_PATHS,
     DatasetInfo,
     NewHDF5File,
     unreadable_is_damaged,
@@ -186,7 +188,8 @@ def _write_codes_file(job: EncodeJob, rows: range, loaded: LoadedModel, paths: E
                          precision=PRECISION_NAMES[job.runtime.autocast_dtype],
                          latent_attributes=loaded.model.latent_attributes())
     with atomic_path(paths.out) as tmp, new_codes_file(tmp) as file:
-        latent_datasets = create_codes_file(file, header, dataset, job.model, job.specs, job.rows_per_chunk)
+        latent_datasets = create_codes_file(file, header, copied_arrays(dataset), job.model, job.specs,
+                                            job.rows_per_chunk, dataset.file.get(SOURCE_PATHS))
         encode_started = time.perf_counter()
         with ChunkedRowWriter(latent_datasets, job.specs, first_row=0) as write, \
                 progress_bar(f"encode {family}", job.num_rows, extra="{task.fields[info]}",

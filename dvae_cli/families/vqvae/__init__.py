@@ -6,4 +6,4 @@ from dvae_cli.families.vqvae.model import VQVAE, VQVAEConfig
 from dvae_cli.families.vqvae.pictures import FILES, render_vqvae
 
 FAMILY = Family(name="vqvae", config=VQVAEConfig, model=VQVAE, metrics=vqvae_metrics,
-                pictures=render_vqvae, picture_files=FILES)
+                pictures=render_vqvae, picture_files=FILES, code_map="codes")

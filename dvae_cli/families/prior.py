@@ -1,0 +1,186 @@
+"""An autoregressive prior over code maps: the VQ-VAE paper's p(z), fitted after the autoencoder (van den Oord, 2017,
+§3.2 and §4.1, with PixelCNN) as a small causal transformer over the raster-ordered map (learned position
+embeddings), conditioned on the class by its start token when the data has labels.
+
+A training row is int64 [1 + h·w]: the start token (K + class, or K unconditioned), then the codes in raster order.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from dvae_cli.core.errors import UserError
+from dvae_cli.core.schema import KeyName, param
+from dvae_cli.families.base import LossOutput, Trainable
+
+
+@dataclass(frozen=True)
+class SampleConfig:
+    """What `dvae sample` draws from the prior."""
+
+    count: int = param(48, help="code maps drawn (split evenly over the classes, in class order, when conditional)",
+                       ge=1, le=1 << 20)
+    temperature: float = param(1.0, help="sampling temperature (logits divided by it)", gt=0, le=100)
+    top_k: int | None = param(None, help="sample among the k likeliest codes (null: all)", ge=1)
+
+
+@dataclass(frozen=True)
+class PriorConfig:
+    """The `prior:` params section: the transformer and its training, and (`sample`) what `dvae sample` draws."""
+
+    width: int = param(64, help="transformer width (token and position embedding size)", ge=8, le=4096)
+    layers: int = param(3, help="transformer blocks", ge=1, le=64)
+    heads: int = param(4, help="attention heads (must divide width)", ge=1, le=64)
+    conditional: bool = param(True, help="condition on the class label (needs a dataset with labels)")
+    lr: float = param(1.0e-3, help="Adam learning rate", gt=0, le=1)
+    batch_size: int = param(32, help="code maps per step", ge=1, le=1 << 16)
+    epochs: int = param(1, help="passes over the train split's code maps", ge=1, le=100000)
+    sample: SampleConfig = param(factory=SampleConfig, help="dvae sample")
+
+    def validate(self, key: KeyName) -> None:
+        if self.width % self.heads:
+            raise UserError(f"params: `{key('heads')}` is {self.heads}, which does not divide `{key('width')}` "
+                            f"{self.width}; pick a head count that divides the width")
+
+
+@dataclass(frozen=True)
+class CodeMaps:
+    """What the prior models: h×w maps of codes 0 … K − 1, and the number of classes it is conditioned on (0: none)."""
+
+    height: int = param(help="code map rows", ge=1, le=1024)
+    width: int = param(help="code map columns", ge=1, le=1024)
+    num_codes: int = param(help="K, the codebook size", ge=1, le=1 << 20)
+    num_classes: int = param(0, help="classes of the start token (0: unconditioned)", ge=0, le=1 << 20)
+
+    @property
+    def length(self) -> int:
+        return self.height * self.width
+
+
+def start_tokens(maps: CodeMaps, labels: Tensor | None, count: int) -> Tensor:
+    """The start token of each row: K + class when conditioned, else K (int64 [count])."""
+    if maps.num_classes:
+        return maps.num_codes + labels.long()
+    return torch.full((count,), maps.num_codes, dtype=torch.long)
+
+
+def training_rows(maps: CodeMaps, codes: Tensor, labels: Tensor | None) -> Tensor:
+    """Code maps [n, h, w] (and their labels) as training rows int64 [n, 1 + h·w]."""
+    start = start_tokens(maps, labels, len(codes))
+    return torch.cat([start[:, None], codes.reshape(len(codes), -1).long()], dim=1)
+
+
+class KeyValueCache:
+    """One block's keys and values [n, heads, L, d] of the positions run so far (allocated at the first store, in the
+    dtype autocast gives them)."""
+
+    def __init__(self, length: int) -> None:
+        self.length = length
+        self.keys: Tensor | None = None
+        self.values: Tensor | None = None
+
+    def store(self, k: Tensor, v: Tensor, position: int) -> tuple[Tensor, Tensor]:
+        """Store the keys and values [n, heads, 1, d] of `position`; every position's up to it."""
+        if self.keys is None:
+            self.keys = k.new_empty(*k.shape[:2], self.length, k.shape[3])
+            self.values = v.new_empty(*v.shape[:2], self.length, v.shape[3])
+        self.keys[:, :, position:position + 1], self.values[:, :, position:position + 1] = k, v
+        return self.keys[:, :, :position + 1], self.values[:, :, :position + 1]
+
+
+class Block(nn.Module):
+    """A pre-norm transformer block: causal self-attention, then a 4× MLP."""
+
+    def __init__(self, width: int, heads: int) -> None:
+        super().__init__()
+        self.heads = heads
+        self.norm1, self.norm2 = nn.LayerNorm(width), nn.LayerNorm(width)
+        self.qkv, self.proj = nn.Linear(width, 3 * width), nn.Linear(width, width)
+        self.mlp = nn.Sequential(nn.Linear(width, 4 * width), nn.GELU(), nn.Linear(4 * width, width))
+
+    def attend(self, x: Tensor, cache: KeyValueCache | None, position: int) -> Tensor:
+        """Causal attention over x [n, s, width]; with a cache, x is the single token at `position`, its key and value
+        are stored there, and it attends to every position up to it."""
+        n, s, width = x.shape
+        q, k, v = self.qkv(x).view(n, s, 3, self.heads, width // self.heads).permute(2, 0, 3, 1, 4)
+        if cache is None:
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        else:
+            y = F.scaled_dot_product_attention(q, *cache.store(k, v, position))
+        return self.proj(y.transpose(1, 2).reshape(n, s, width))
+
+    def forward(self, x: Tensor, cache: KeyValueCache | None = None, position: int = 0) -> Tensor:
+        x = x + self.attend(self.norm1(x), cache, position)
+        return x + self.mlp(self.norm2(x))
+
+
+class CodePrior(Trainable):
+    """p(z) = Π_i p(z_i | z_<i, class) over the raster-ordered code map."""
+
+    def __init__(self, config: PriorConfig, maps: CodeMaps) -> None:
+        super().__init__()
+        self.config, self.maps = config, maps
+        self.tokens = nn.Embedding(maps.num_codes + max(maps.num_classes, 1), config.width)
+        self.positions = nn.Parameter(torch.zeros(maps.length, config.width))
+        self.blocks = nn.ModuleList(Block(config.width, config.heads) for _ in range(config.layers))
+        self.norm = nn.LayerNorm(config.width)
+        self.head = nn.Linear(config.width, maps.num_codes)
+        for module in self.modules():
+            if isinstance(module, (nn.Linear, nn.Embedding)):
+                nn.init.normal_(module.weight, std=0.02)
+            if isinstance(module, nn.Linear):
+                nn.init.zeros_(module.bias)
+        nn.init.normal_(self.positions, std=0.02)
+
+    def logits(self, inputs: Tensor) -> Tensor:
+        """Next-code logits [n, s, K] for input tokens [n, s] (start token, then the first s − 1 codes)."""
+        h = self.tokens(inputs) + self.positions[:inputs.shape[1]]
+        for block in self.blocks:
+            h = block(h)
+        return self.head(self.norm(h))
+
+    def code_nll(self, rows: Tensor) -> Tensor:
+        """−log p(z_i | z_<i, class) in nats, per code [n, h·w]."""
+        logits = self.logits(rows[:, :-1])
+        return F.cross_entropy(logits.float().transpose(1, 2), rows[:, 1:], reduction="none")
+
+    def loss(self, x: Tensor, step: int) -> LossOutput:
+        """The prior's objective: the mean over codes of −log p(z_i | z_<i, class) (nats)."""
+        nll = self.code_nll(x).mean()
+        return LossOutput(loss=nll, terms={"nll": nll, "bits_per_code": nll.detach() / math.log(2)})
+
+    def _next_codes(self, logits: Tensor, uniforms: Tensor, temperature: float, top_k: int | None) -> Tensor:
+        """A code per row from `logits` [n, K] by inverse CDF at `uniforms` [n] (so the draw is a function of them)."""
+        logits = logits.float() / temperature
+        if top_k is not None and top_k < logits.shape[1]:
+            kth = torch.topk(logits, top_k, dim=1).values[:, -1:]
+            logits = logits.masked_fill(logits < kth, float("-inf"))
+        cdf = torch.softmax(logits, dim=1).cumsum(dim=1)
+        codes = torch.searchsorted(cdf, (uniforms * cdf[:, -1]).unsqueeze(1).contiguous())
+        return codes.squeeze(1).clamp_(max=logits.shape[1] - 1)
+
+    @torch.no_grad()
+    def sample(self, starts: Tensor, uniforms: Tensor, temperature: float = 1.0, top_k: int | None = None,
+               cache: bool = True) -> Tensor:
+        """Code maps [n, h, w] drawn one code at a time from the start tokens [n], with `uniforms` [n, h·w] in [0, 1)
+        as the randomness. With `cache` each step runs the new token only, against the stored keys and values;
+        without, each step runs the whole prefix again (same codes, quadratic cost)."""
+        n, length = len(starts), self.maps.length
+        tokens = torch.empty(n, length + 1, dtype=torch.long, device=starts.device)
+        tokens[:, 0] = starts
+        caches = [KeyValueCache(length) for _ in self.blocks] if cache else None
+        for position in range(length):
+            if caches is None:
+                logits = self.logits(tokens[:, :position + 1])[:, -1]
+            else:
+                h = self.tokens(tokens[:, position:position + 1]) + self.positions[position]
+                for block, block_cache in zip(self.blocks, caches, strict=True):
+                    h = block(h, block_cache, position)
+                logits = self.head(self.norm(h))[:, 0]
+            tokens[:, position + 1] = self._next_codes(logits, uniforms[:, position], temperature, top_k)
+        return tokens[:, 1:].reshape(n, self.maps.height, self.maps.width)

@@ -1,0 +1,127 @@
+"""`dvae compare`: rate–distortion on the test split. PSNR against bits per image for the model's codes at log2 K bits
+a code, the same codes coded with the prior's NLL (what an arithmetic coder driven by the prior reaches), and the
+classic methods they stand in for: k-means palettes per image, k-means over 4×4 patches, JPEG and WebP."""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from dvae_cli.core.errors import UserError
+from dvae_cli.core.files import check_output, write_bytes_atomic, write_json_atomic
+from dvae_cli.core.progress import progress_bar
+from dvae_cli.core.rate_distortion import (
+    RatePoint,
+    csv_bytes,
+    palette_kmeans,
+    patch_kmeans,
+    pillow_codec,
+    plot_png,
+    psnr_of,
+)
+from dvae_cli.core.runtime import resolve_runtime
+from dvae_cli.families import code_map_name
+from dvae_cli.families.prior import training_rows
+from dvae_cli.formats.codes import CodesFile, model_arrays_sha256, model_codebook_sha256
+from dvae_cli.formats.dataset import TEST, TRAIN, VAL, DatasetFile
+from dvae_cli.formats.model_folder import load_model, load_prior, model_files
+from dvae_cli.params import Params
+
+BATCH = 256
+
+
+@dataclass(frozen=True)
+class ComparePaths:
+    dataset: Path
+    model_dir: Path
+    codes: Path
+    prior_dir: Path
+    table: Path
+    """The CSV of every point (a `dvc plots` file)."""
+    picture: Path
+    metrics: Path
+
+
+@dataclass
+class CompareResult:
+    points: list[RatePoint]
+    summary: dict[str, Any]
+    seconds: float
+
+
+def best_at_most(points: list[RatePoint], method: str, bits: float) -> float | None:
+    """The best PSNR `method` reaches with at most `bits` per image (None: it never gets that low)."""
+    reached = [point.psnr for point in points if point.method == method and point.bits_per_image <= bits]
+    return max(reached) if reached else None
+
+
+def compare(params: Params, family: str, paths: ComparePaths, show_progress: bool = True) -> CompareResult:
+    started = time.perf_counter()
+    code_map = code_map_name(family)
+    inputs = [paths.dataset, paths.codes, *model_files(paths.model_dir), *model_files(paths.prior_dir)]
+    for path, option in ((paths.table, "--table"), (paths.picture, "--out"), (paths.metrics, "--metrics")):
+        check_output(path, inputs, option)
+    runtime = resolve_runtime(params.runtime)
+    loaded = load_model(paths.model_dir, family, runtime.device)
+    prior = load_prior(paths.prior_dir, family, runtime.device)
+    codebook = model_codebook_sha256(loaded.model)
+    with DatasetFile(paths.dataset) as dataset:
+        split = TEST if len(dataset.indices(TEST)) else VAL
+        rows = dataset.indices(split)
+        if not len(rows):
+            raise UserError(f"{paths.dataset} has no test or val images to compare on; prepare it with a test split")
+        images = dataset.read_images(rows)
+        train_images = dataset.read_images(dataset.indices(TRAIN))
+    with CodesFile(paths.codes, family) as codes_file:
+        if model_arrays_sha256(codes_file.model_arrays) != codebook:
+            raise UserError(f"{paths.codes} holds codes of another {family} than {paths.model_dir}; re-run "
+                            f"`dvae encode --model {family}`")
+        if len(codes_file) != len(dataset.split):
+            raise UserError(f"{paths.codes} has {len(codes_file)} rows, {paths.dataset} {len(dataset.split)}: the "
+                            f"codes of another dataset; re-run `dvae encode --model {family}`")
+        codes = torch.from_numpy(codes_file.read_at(code_map, rows).astype(np.int64))
+        labels = codes_file.read_at("labels", rows)
+    if prior.record.get("codebook_sha256") != codebook:
+        raise UserError(f"{paths.prior_dir} is a prior over the codes of another {family}; re-run `dvae prior "
+                        f"--model {family}`")
+
+    with progress_bar(f"compare {family}", 6, enabled=show_progress) as advance, torch.no_grad():
+        decoded = torch.cat([loaded.model.decode({code_map: codes[i:i + BATCH].to(runtime.device)}).float().cpu()
+                             for i in range(0, len(codes), BATCH)])
+        model_psnr = psnr_of(images, decoded.numpy())
+        code_bits = prior.maps.length * math.log2(prior.maps.num_codes)
+        prior_rows = training_rows(prior.maps, codes, torch.from_numpy(labels.astype(np.int64))
+                                   if prior.maps.num_classes else None)
+        nll = torch.cat([prior.model.code_nll(prior_rows[i:i + BATCH].to(runtime.device)).double().sum(dim=1).cpu()
+                         for i in range(0, len(prior_rows), BATCH)])
+        prior_bits = nll.mean().item() / math.log(2)
+        points = [RatePoint(family, f"K={prior.maps.num_codes}", code_bits, model_psnr),
+                  RatePoint(f"{family}+prior", "prior NLL", prior_bits, model_psnr)]
+        advance()
+        points += palette_kmeans(images)
+        advance()
+        points += patch_kmeans(train_images, images, seed=params.seed)
+        advance()
+        points += pillow_codec(images, "jpeg")
+        advance()
+        points += pillow_codec(images, "webp")
+        advance()
+        title = f"{family} on {len(images):,} {['train', 'val', 'test'][split]} images: rate–distortion"
+        write_bytes_atomic(paths.table, csv_bytes(points))
+        write_bytes_atomic(paths.picture, plot_png(points, title))
+        baselines = sorted({point.method for point in points} - {family, f"{family}+prior"})
+        summary = {family: {"bits_per_image": code_bits, "psnr": model_psnr},
+                   f"{family}+prior": {"bits_per_image": prior_bits, "psnr": model_psnr},
+                   "best_psnr_at_prior_bits": {method: best_at_most(points, method, prior_bits)
+                                               for method in baselines},
+                   "images": len(images)}
+        write_json_atomic(paths.metrics, summary)
+        advance()
+    return CompareResult(points=points, summary=summary, seconds=time.perf_counter() - started)
+

@@ -1,0 +1,144 @@
+"""`dvae prior`: an autoregressive prior over the code maps of a codes file's train split (`families.prior`), trained
+by the shared loop (`dvae_cli.trainer`: DVCLive curves, exact resume, seeds); its test NLL, in bits per code and bits
+per image, goes into its config.json and its metrics file."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from dvae_cli.core.distributed import Cluster
+from dvae_cli.core.errors import UserError
+from dvae_cli.core.files import check_output, sha256_file, write_json_atomic
+from dvae_cli.core.runtime import Runtime
+from dvae_cli.families import code_map_name
+from dvae_cli.families.base import Trainable, out_of_range_codes
+from dvae_cli.families.prior import CodeMaps, CodePrior, training_rows
+from dvae_cli.formats.codes import CodesFile, model_arrays_sha256, model_codebook_sha256
+from dvae_cli.formats.dataset import SPLIT_NAMES, TEST, TRAIN, VAL
+from dvae_cli.formats.model_folder import load_model, save_prior
+from dvae_cli.params import Params
+from dvae_cli.trainer import Job, RunFolders, TrainResult, fit
+
+NLL_BATCH = 256
+
+
+@dataclass(frozen=True)
+class PriorPaths:
+    codes: Path
+    model_dir: Path
+    """The model whose codes these are (its codebook must be the codes file's)."""
+    out: Path
+    live_dir: Path
+    metrics: Path
+
+    @property
+    def folders(self) -> RunFolders:
+        return RunFolders(self.out, self.live_dir, inputs=(self.codes, self.model_dir))
+
+
+@dataclass(frozen=True)
+class CodeMapRows:
+    """A codes file's code maps as prior rows (int64 [n, 1 + h·w]) by split, and where they come from."""
+
+    maps: CodeMaps
+    rows: dict[int, Tensor]
+    """Split (TRAIN, VAL, TEST) → its rows."""
+    record: dict[str, Any]
+    """What the prior's config.json keeps of them: codes file hash, codebook hash, dataset info."""
+
+
+def read_code_maps(codes_path: Path, model_dir: Path, family: str, conditional: bool) -> CodeMapRows:
+    """Every row of the codes file as prior rows, after checking the codes are `model_dir`'s and in range."""
+    code_map = code_map_name(family)
+    loaded = load_model(model_dir, family)
+    with CodesFile(codes_path, family) as codes:
+        codebook_sha256 = model_arrays_sha256(codes.model_arrays)
+        expected = model_codebook_sha256(loaded.model)
+        if codebook_sha256 != expected:
+            raise UserError(f"{codes_path} holds codes of another {family} (codebook hash {codebook_sha256[:12]}…, "
+                            f"{model_dir} has {expected[:12]}…); re-run `dvae encode --model {family}` or pass that "
+                            "model's codes file")
+        arrays = codes.read_rows(0, len(codes), [code_map, *(["labels"] if "labels" in codes.file else [])])
+        info = codes.dataset_info
+        split = codes.split
+        attrs = codes.attrs
+    wrong = out_of_range_codes(loaded.model, {code_map: arrays[code_map]})
+    if wrong:
+        raise UserError(f"{codes_path}: {wrong} (damaged or edited); re-run `dvae encode --model {family}`")
+    if conditional and "labels" not in arrays:
+        raise UserError(f"prior.conditional is on but {codes_path} has no class labels (its dataset has none); set "
+                        "prior.conditional: false (or --set prior.conditional=false)")
+    height, width = arrays[code_map].shape[1:]
+    maps = CodeMaps(height=height, width=width, num_codes=int(loaded.model.code_value_counts()[code_map]),
+                    num_classes=info.num_classes if conditional else 0)
+    labels = torch.from_numpy(arrays["labels"].astype(np.int64)) if conditional else None
+    every = training_rows(maps, torch.from_numpy(arrays[code_map].astype(np.int64)), labels)
+    rows = {index: every[torch.from_numpy(np.flatnonzero(split == index))] for index in (TRAIN, VAL, TEST)}
+    record = {"codes": str(codes_path), "codes_sha256": sha256_file(codes_path), "codebook_sha256": codebook_sha256,
+              "model_dir": str(model_dir), "weights_sha256": loaded.weights_sha256, "code_map": code_map,
+              "dataset": attrs["dataset"], "dataset_sha256": attrs["dataset_sha256"],
+              "dataset_info": dataclasses.asdict(info)}
+    return CodeMapRows(maps=maps, rows=rows, record=record)
+
+
+@torch.no_grad()
+def map_nll(model: CodePrior, rows: Tensor, runtime: Runtime) -> Tensor:
+    """−log p(map) in nats for each row (float64 [n], on the CPU)."""
+    model.eval()
+    totals = []
+    for start in range(0, len(rows), NLL_BATCH):
+        with runtime.autocast():
+            nll = model.code_nll(rows[start:start + NLL_BATCH].to(runtime.device))
+        totals.append(nll.double().sum(dim=1).cpu())
+    model.train()
+    return torch.cat(totals) if totals else torch.zeros(0, dtype=torch.float64)
+
+
+def test_figures(model: CodePrior, data: CodeMapRows, runtime: Runtime) -> dict[str, Any]:
+    """The prior's NLL on the test split (val when it is empty): bits per code and bits per image."""
+    split = TEST if len(data.rows[TEST]) else VAL
+    nll = map_nll(model, data.rows[split], runtime)
+    per_image = nll.mean().item() / math.log(2) if len(nll) else float("nan")
+    return {"split": SPLIT_NAMES[split], "maps": len(nll), "bits_per_image": per_image,
+            "bits_per_code": per_image / data.maps.length, "uniform_bits_per_image": data.maps.length *
+            math.log2(data.maps.num_codes)}
+
+
+def run_fingerprint(params: Params, data: CodeMapRows) -> dict[str, Any]:
+    """What must be unchanged for a checkpoint to resume: the prior's settings but epochs and sampling, the seed, the
+    codes."""
+    prior = dataclasses.asdict(params.prior)
+    for name in ("epochs", "sample"):
+        prior.pop(name)
+    return {"prior": prior, "seed": params.seed, "codes_sha256": data.record["codes_sha256"]}
+
+
+def train_prior(params: Params, family: str, paths: PriorPaths, restart: bool = False,
+                restart_on_mismatch: bool = False, show_progress: bool = True) -> TrainResult:
+    check_output(paths.metrics, [paths.codes], "--metrics")
+    name = f"{family}-prior"
+
+    def setup(runtime: Runtime, cluster: Cluster) -> Job:
+        data = read_code_maps(paths.codes, paths.model_dir, family, params.prior.conditional)
+
+        def save(model: Trainable, steps: int, metrics: dict[str, float]) -> None:
+            test = test_figures(model, data, runtime)
+            save_prior(paths.out, family, model, {**data.record, "seed": params.seed, "steps": steps,
+                                                  "final_metrics": metrics, "test": test})
+            write_json_atomic(paths.metrics, {"test": test, "steps": steps})
+
+        return Job(name=name, section="prior", config=params.prior, fingerprint=run_fingerprint(params, data),
+                   train=runtime.place(data.rows[TRAIN]), val=data.rows[VAL][:2048],
+                   as_input=lambda rows: rows.to(runtime.device, non_blocking=True),
+                   build=lambda: CodePrior(params.prior, data.maps), save=save)
+
+    return fit(params, paths.folders, setup, restart, restart_on_mismatch, show_progress)
+

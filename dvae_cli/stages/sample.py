@@ -1,0 +1,121 @@
+"""`dvae sample`: code maps drawn from the prior (`dvae prior`), decoded by the model whose codes it learned: a PNG grid
+(a row per class when conditional) and the drawn codes as a codes file that `dvae decode` reads."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from dvae_cli.core.errors import UserError
+from dvae_cli.core.files import atomic_path, check_output
+from dvae_cli.core.images import as_tiles, grid_image, labelled_grid, save_png
+from dvae_cli.core.runtime import resolve_runtime
+from dvae_cli.families.prior import CodeMaps, start_tokens
+from dvae_cli.formats.codes import (
+    PRECISION_NAMES,
+    CodesHeader,
+    create_codes_file,
+    latent_specs,
+    model_codebook_sha256,
+    new_codes_file,
+)
+from dvae_cli.formats.dataset import TEST, DatasetInfo
+from dvae_cli.formats.model_folder import load_model, load_prior, model_files
+from dvae_cli.params import Params
+
+DECODE_BATCH = 256
+
+
+@dataclass(frozen=True)
+class SamplePaths:
+    prior_dir: Path
+    model_dir: Path
+    picture: Path
+    codes: Path
+
+
+@dataclass
+class SampleResult:
+    picture: Path
+    codes: Path
+    count: int
+    classes: list[str]
+    seconds: float
+
+
+def sample_labels(maps: CodeMaps, count: int) -> np.ndarray | None:
+    """The class of each drawn map: the count split evenly over the classes, in class order (None: unconditioned)."""
+    if not maps.num_classes:
+        return None
+    return np.arange(count, dtype=np.int64) * maps.num_classes // count
+
+
+def draw(params: Params, paths: SamplePaths, family: str, show_progress: bool = True) -> SampleResult:
+    started = time.perf_counter()
+    settings = params.prior.sample
+    inputs = [*model_files(paths.prior_dir), *model_files(paths.model_dir)]
+    check_output(paths.picture, inputs, "--out")
+    check_output(paths.codes, inputs, "--codes-out")
+    runtime = resolve_runtime(params.runtime)
+    prior = load_prior(paths.prior_dir, family, runtime.device)
+    loaded = load_model(paths.model_dir, family, runtime.device)
+    codebook = model_codebook_sha256(loaded.model)
+    if codebook != prior.record.get("codebook_sha256"):
+        raise UserError(f"{paths.prior_dir} is a prior over the codes of another {family} (codebook hash "
+                        f"{str(prior.record.get('codebook_sha256'))[:12]}…, {paths.model_dir} has {codebook[:12]}…); "
+                        f"re-run `dvae encode` and `dvae prior` for this model, or pass the model the prior was made "
+                        "for")
+    maps = prior.maps
+    labels = sample_labels(maps, settings.count)
+    generator = torch.Generator().manual_seed(params.seed)
+    uniforms = torch.rand(settings.count, maps.length, generator=generator, dtype=torch.float64).float()
+    starts = start_tokens(maps, None if labels is None else torch.from_numpy(labels), settings.count)
+    with runtime.autocast():
+        codes = torch.cat([prior.model.sample(starts[i:i + DECODE_BATCH].to(runtime.device),
+                                              uniforms[i:i + DECODE_BATCH].to(runtime.device),
+                                              settings.temperature, settings.top_k).cpu()
+                           for i in range(0, settings.count, DECODE_BATCH)])
+        latent = {prior.record["code_map"]: codes}
+        images = torch.cat([loaded.model.decode({name: values[i:i + DECODE_BATCH].to(runtime.device)
+                                                 for name, values in latent.items()}).float().cpu()
+                            for i in range(0, settings.count, DECODE_BATCH)])
+
+    info = DatasetInfo(**{key: tuple(value) if isinstance(value, list) else value
+                          for key, value in prior.record["dataset_info"].items()})
+    class_names = list(info.class_names) if labels is not None else []
+    with atomic_path(paths.picture) as tmp:
+        save_png(picture(images, labels, class_names), tmp)
+    header = CodesHeader(family=family, model_dir=paths.model_dir, weights_sha256=loaded.weights_sha256,
+                         dataset=Path(prior.record["dataset"]), dataset_sha256=prior.record["dataset_sha256"],
+                         dataset_info=info, precision=PRECISION_NAMES[runtime.autocast_dtype],
+                         latent_attributes=loaded.model.latent_attributes())
+    copied = {"split": np.full(settings.count, TEST, dtype=np.uint8)}
+    if labels is not None:
+        copied["labels"] = labels
+    specs = latent_specs(loaded.model, latent)
+    with atomic_path(paths.codes) as tmp, new_codes_file(tmp) as file:
+        datasets = create_codes_file(file, header, copied, loaded.model, specs, min(settings.count, 1024))
+        for spec in specs:
+            datasets[spec.name][:] = latent[spec.name].numpy().astype(spec.dtype)
+    return SampleResult(picture=paths.picture, codes=paths.codes, count=settings.count, classes=class_names,
+                        seconds=time.perf_counter() - started)
+
+
+def picture(images: torch.Tensor, labels: np.ndarray | None, class_names: list[str]) -> Image.Image:
+    """The drawn images as a grid: one labelled row per class when conditional (classes with equal counts)."""
+    tiles = as_tiles(images)
+    if labels is None:
+        return grid_image(tiles, min(16, len(tiles)))
+    counts = np.bincount(labels, minlength=len(class_names))
+    columns = int(counts.max())
+    rows = []
+    for label in range(len(class_names)):
+        chosen = tiles[torch.from_numpy(labels == label)]
+        padding = torch.ones(columns - len(chosen), *tiles.shape[1:])
+        rows.append(torch.cat([chosen, padding]))
+    return labelled_grid(torch.cat(rows), columns, [[name] for name in class_names])
