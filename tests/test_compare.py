@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 from test_faults import Project, assert_one_line_error, digest, edit_h5, edit_json, invoke
-from test_prior import another_codebook, other_codebook_hash, project  # noqa: F401 (the fixture)
+from test_prior import another_codebook, other_codebook_hash, project, without_labels  # noqa: F401 (the fixture)
 
 
 def test_rate_distortion_of_every_method(project: Project, tmp_path: Path) -> None:  # noqa: F811
@@ -37,6 +37,8 @@ BAD_INPUTS = {
                                 "holds codes of another vqvae"),
     "a prior of another VQ-VAE": (lambda root: edit_json(root / "models/vqvae-prior/config.json", other_codebook_hash),
                                   "prior over the codes of another vqvae"),
+    "codes without the labels of a conditional prior": (
+        lambda root: edit_h5(root / "data/codes/vqvae.h5", without_labels), "conditioned on classes but"),
 }
 
 

@@ -87,6 +87,9 @@ def compare(params: Params, family: str, paths: ComparePaths, show_progress: boo
                             f"codes of another dataset; re-run `dvae encode --model {family}`")
         codes = torch.from_numpy(codes_file.read_at(code_map, rows).astype(np.int64))
         labels = codes_file.read_at("labels", rows)
+    if prior.maps.num_classes and labels is None:
+        raise UserError(f"{paths.prior_dir} is conditioned on classes but {paths.codes} has no labels; pass the codes "
+                        f"file the prior was trained on")
     if prior.record.get("codebook_sha256") != codebook:
         raise UserError(f"{paths.prior_dir} is a prior over the codes of another {family}; re-run `dvae prior "
                         f"--model {family}`")
