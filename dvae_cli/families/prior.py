@@ -149,6 +149,15 @@ class CodePrior(Trainable):
         logits = self.logits(rows[:, :-1])
         return F.cross_entropy(logits.float().transpose(1, 2), rows[:, 1:], reduction="none")
 
+    @torch.no_grad()
+    def map_nll(self, rows: Tensor, batch_size: int = 256) -> Tensor:
+        """−log p(map) in nats for each row (float64 [n], on the CPU), `batch_size` rows at a time on the model's
+        device."""
+        device = self.head.weight.device
+        totals = [self.code_nll(rows[start:start + batch_size].to(device)).double().sum(dim=1).cpu()
+                  for start in range(0, len(rows), batch_size)]
+        return torch.cat(totals) if totals else torch.zeros(0, dtype=torch.float64)
+
     def loss(self, x: Tensor, step: int) -> LossOutput:
         """The prior's objective: the mean over codes of −log p(z_i | z_<i, class) (nats)."""
         nll = self.code_nll(x).mean()

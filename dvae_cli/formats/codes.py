@@ -285,9 +285,7 @@ class CodesFile:
         try:
             found = str(self.attrs["model"])
             names = [str(name) for name in json.loads(self.attrs["latent_arrays"])]
-            fields = json.loads(self.attrs["dataset_info"])
-            info = DatasetInfo(**{key: tuple(value) if isinstance(value, list) else value
-                                  for key, value in fields.items()})
+            info = DatasetInfo.from_fields(json.loads(self.attrs["dataset_info"]))
         except (KeyError, ValueError, TypeError):
             raise broken from None
         if found not in FAMILIES:
@@ -365,6 +363,15 @@ class CodesFile:
                 buffered = {name: values[batch_size:] for name, values in buffered.items()}
         if buffered is not None and len(buffered[names[0]]):
             yield {name: as_tensor(values) for name, values in buffered.items()}
+
+    def check_codebook(self, model: DiscreteVAE, model_dir: Path) -> str:
+        """The codebook hash (`model_arrays_sha256`) of these codes; a UserError unless it is `model`'s."""
+        found, expected = model_arrays_sha256(self.model_arrays), model_codebook_sha256(model)
+        if found != expected:
+            raise UserError(f"{self.path} holds codes of another {self.family} (codebook hash {found[:12]}…, "
+                            f"{model_dir} has {expected[:12]}…); re-run `dvae encode --model {self.family}` or pass "
+                            "that model's codes file")
+        return found
 
     def close(self) -> None:
         self.file.close()

@@ -58,6 +58,11 @@ class DatasetInfo:
     def has_factors(self) -> bool:
         return len(self.factor_names) > 0
 
+    @classmethod
+    def from_fields(cls, fields: dict[str, Any]) -> DatasetInfo:
+        """From `dataclasses.asdict` of one, as JSON gives it back (lists for the tuples)."""
+        return cls(**{key: tuple(value) if isinstance(value, list) else value for key, value in fields.items()})
+
 
 @dataclass
 class DatasetChunk:

@@ -18,6 +18,7 @@ from dvae_cli.core.files import sha256_file, write_bytes_atomic, write_json_atom
 from dvae_cli.core.schema import build
 from dvae_cli.families import FAMILIES, DataShape, DiscreteVAE
 from dvae_cli.families.prior import CodeMaps, CodePrior, PriorConfig
+from dvae_cli.formats.codes import model_codebook_sha256
 
 WEIGHTS = "model.safetensors"
 CONFIG = "config.json"
@@ -143,11 +144,22 @@ PRIOR = "prior"
 
 @dataclass
 class LoadedPrior:
+    folder: Path
     model: CodePrior
     config: PriorConfig
     maps: CodeMaps
     record: dict[str, Any]
     """The whole config.json: `prior_of`, `codebook_sha256`, `codes_sha256`, `dataset_info`, `class_names`, ..."""
+
+
+    def check_model(self, model: DiscreteVAE, model_dir: Path) -> None:
+        """A UserError unless `model` (from `model_dir`) has the codebook of the codes this prior learned."""
+        expected, found = model_codebook_sha256(model), str(self.record.get("codebook_sha256"))
+        if found != expected:
+            of = self.record["prior_of"]
+            raise UserError(f"{self.folder} is a prior over the codes of another {of} (codebook hash {found[:12]}…, "
+                            f"{model_dir} has {expected[:12]}…); re-run `dvae encode` and `dvae prior` for this "
+                            "model, or pass the model the prior was made for")
 
 
 def save_prior(folder: Path, of: str, model: CodePrior, extra: dict[str, Any]) -> str:
@@ -184,4 +196,4 @@ def load_prior(folder: Path, of: str, device: torch.device | str = "cpu") -> Loa
                         f"{remake}")
     model = CodePrior(config, maps)
     model.load_state_dict(load_file(weights_path))
-    return LoadedPrior(model=model.to(device).eval(), config=config, maps=maps, record=record)
+    return LoadedPrior(folder=folder, model=model.to(device).eval(), config=config, maps=maps, record=record)

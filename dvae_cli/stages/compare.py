@@ -28,8 +28,8 @@ from dvae_cli.core.rate_distortion import (
 from dvae_cli.core.runtime import resolve_runtime
 from dvae_cli.families import code_map_name
 from dvae_cli.families.prior import training_rows
-from dvae_cli.formats.codes import CodesFile, model_arrays_sha256, model_codebook_sha256
-from dvae_cli.formats.dataset import TEST, TRAIN, VAL, DatasetFile
+from dvae_cli.formats.codes import CodesFile
+from dvae_cli.formats.dataset import SPLIT_NAMES, TEST, TRAIN, VAL, DatasetFile
 from dvae_cli.formats.model_folder import load_model, load_prior, model_files
 from dvae_cli.params import Params
 
@@ -70,7 +70,6 @@ def compare(params: Params, family: str, paths: ComparePaths, show_progress: boo
     runtime = resolve_runtime(params.runtime)
     loaded = load_model(paths.model_dir, family, runtime.device)
     prior = load_prior(paths.prior_dir, family, runtime.device)
-    codebook = model_codebook_sha256(loaded.model)
     with DatasetFile(paths.dataset) as dataset:
         split = TEST if len(dataset.indices(TEST)) else VAL
         rows = dataset.indices(split)
@@ -79,9 +78,7 @@ def compare(params: Params, family: str, paths: ComparePaths, show_progress: boo
         images = dataset.read_images(rows)
         train_images = dataset.read_images(dataset.indices(TRAIN))
     with CodesFile(paths.codes, family) as codes_file:
-        if model_arrays_sha256(codes_file.model_arrays) != codebook:
-            raise UserError(f"{paths.codes} holds codes of another {family} than {paths.model_dir}; re-run "
-                            f"`dvae encode --model {family}`")
+        codes_file.check_codebook(loaded.model, paths.model_dir)
         if len(codes_file) != len(dataset.split):
             raise UserError(f"{paths.codes} has {len(codes_file)} rows, {paths.dataset} {len(dataset.split)}: the "
                             f"codes of another dataset; re-run `dvae encode --model {family}`")
@@ -90,9 +87,7 @@ def compare(params: Params, family: str, paths: ComparePaths, show_progress: boo
     if prior.maps.num_classes and labels is None:
         raise UserError(f"{paths.prior_dir} is conditioned on classes but {paths.codes} has no labels; pass the codes "
                         f"file the prior was trained on")
-    if prior.record.get("codebook_sha256") != codebook:
-        raise UserError(f"{paths.prior_dir} is a prior over the codes of another {family}; re-run `dvae prior "
-                        f"--model {family}`")
+    prior.check_model(loaded.model, paths.model_dir)
 
     with progress_bar(f"compare {family}", 6, enabled=show_progress) as advance, torch.no_grad():
         decoded = torch.cat([loaded.model.decode({code_map: codes[i:i + BATCH].to(runtime.device)}).float().cpu()
@@ -101,9 +96,8 @@ def compare(params: Params, family: str, paths: ComparePaths, show_progress: boo
         code_bits = prior.maps.length * math.log2(prior.maps.num_codes)
         prior_rows = training_rows(prior.maps, codes, torch.from_numpy(labels.astype(np.int64))
                                    if prior.maps.num_classes else None)
-        nll = torch.cat([prior.model.code_nll(prior_rows[i:i + BATCH].to(runtime.device)).double().sum(dim=1).cpu()
-                         for i in range(0, len(prior_rows), BATCH)])
-        prior_bits = nll.mean().item() / math.log(2)
+        with runtime.autocast():
+            prior_bits = prior.model.map_nll(prior_rows).mean().item() / math.log(2)
         points = [RatePoint(family, f"K={prior.maps.num_codes}", code_bits, model_psnr),
                   RatePoint(f"{family}+prior", "prior NLL", prior_bits, model_psnr)]
         advance()
@@ -115,7 +109,7 @@ def compare(params: Params, family: str, paths: ComparePaths, show_progress: boo
         advance()
         points += pillow_codec(images, "webp")
         advance()
-        title = f"{family} on {len(images):,} {['train', 'val', 'test'][split]} images: rate–distortion"
+        title = f"{family} on {len(images):,} {SPLIT_NAMES[split]} images: rate–distortion"
         write_bytes_atomic(paths.table, csv_bytes(points))
         write_bytes_atomic(paths.picture, plot_png(points, title))
         baselines = sorted({point.method for point in points} - {family, f"{family}+prior"})

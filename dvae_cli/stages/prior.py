@@ -21,14 +21,11 @@ from dvae_cli.core.runtime import Runtime
 from dvae_cli.families import code_map_name
 from dvae_cli.families.base import Trainable, out_of_range_codes
 from dvae_cli.families.prior import CodeMaps, CodePrior, training_rows
-from dvae_cli.formats.codes import CodesFile, model_arrays_sha256, model_codebook_sha256
+from dvae_cli.formats.codes import CodesFile
 from dvae_cli.formats.dataset import SPLIT_NAMES, TEST, TRAIN, VAL
 from dvae_cli.formats.model_folder import load_model, save_prior
 from dvae_cli.params import Params
 from dvae_cli.trainer import Job, RunFolders, TrainResult, fit
-
-NLL_BATCH = 256
-
 
 @dataclass(frozen=True)
 class PriorPaths:
@@ -60,12 +57,7 @@ def read_code_maps(codes_path: Path, model_dir: Path, family: str, conditional: 
     code_map = code_map_name(family)
     loaded = load_model(model_dir, family)
     with CodesFile(codes_path, family) as codes:
-        codebook_sha256 = model_arrays_sha256(codes.model_arrays)
-        expected = model_codebook_sha256(loaded.model)
-        if codebook_sha256 != expected:
-            raise UserError(f"{codes_path} holds codes of another {family} (codebook hash {codebook_sha256[:12]}…, "
-                            f"{model_dir} has {expected[:12]}…); re-run `dvae encode --model {family}` or pass that "
-                            "model's codes file")
+        codebook_sha256 = codes.check_codebook(loaded.model, model_dir)
         arrays = codes.read_rows(0, len(codes), [code_map, *(["labels"] if "labels" in codes.file else [])])
         info = codes.dataset_info
         split = codes.split
@@ -89,23 +81,11 @@ def read_code_maps(codes_path: Path, model_dir: Path, family: str, conditional: 
     return CodeMapRows(maps=maps, rows=rows, record=record)
 
 
-@torch.no_grad()
-def map_nll(model: CodePrior, rows: Tensor, runtime: Runtime) -> Tensor:
-    """−log p(map) in nats for each row (float64 [n], on the CPU)."""
-    model.eval()
-    totals = []
-    for start in range(0, len(rows), NLL_BATCH):
-        with runtime.autocast():
-            nll = model.code_nll(rows[start:start + NLL_BATCH].to(runtime.device))
-        totals.append(nll.double().sum(dim=1).cpu())
-    model.train()
-    return torch.cat(totals) if totals else torch.zeros(0, dtype=torch.float64)
-
-
 def test_figures(model: CodePrior, data: CodeMapRows, runtime: Runtime) -> dict[str, Any]:
     """The prior's NLL on the test split (val when it is empty): bits per code and bits per image."""
     split = TEST if len(data.rows[TEST]) else VAL
-    nll = map_nll(model, data.rows[split], runtime)
+    with runtime.autocast():
+        nll = model.map_nll(data.rows[split])
     per_image = nll.mean().item() / math.log(2) if len(nll) else float("nan")
     return {"split": SPLIT_NAMES[split], "maps": len(nll), "bits_per_image": per_image,
             "bits_per_code": per_image / data.maps.length, "uniform_bits_per_image": data.maps.length *

@@ -11,7 +11,6 @@ import numpy as np
 import torch
 from PIL import Image
 
-from dvae_cli.core.errors import UserError
 from dvae_cli.core.files import atomic_path, check_output
 from dvae_cli.core.images import as_tiles, grid_image, labelled_grid, save_png
 from dvae_cli.core.runtime import resolve_runtime
@@ -21,7 +20,6 @@ from dvae_cli.formats.codes import (
     CodesHeader,
     create_codes_file,
     latent_specs,
-    model_codebook_sha256,
     new_codes_file,
 )
 from dvae_cli.formats.dataset import TEST, DatasetInfo
@@ -55,7 +53,7 @@ def sample_labels(maps: CodeMaps, count: int) -> np.ndarray | None:
     return np.arange(count, dtype=np.int64) * maps.num_classes // count
 
 
-def draw(params: Params, paths: SamplePaths, family: str, show_progress: bool = True) -> SampleResult:
+def draw(params: Params, paths: SamplePaths, family: str) -> SampleResult:
     started = time.perf_counter()
     settings = params.prior.sample
     inputs = [*model_files(paths.prior_dir), *model_files(paths.model_dir)]
@@ -64,12 +62,7 @@ def draw(params: Params, paths: SamplePaths, family: str, show_progress: bool = 
     runtime = resolve_runtime(params.runtime)
     prior = load_prior(paths.prior_dir, family, runtime.device)
     loaded = load_model(paths.model_dir, family, runtime.device)
-    codebook = model_codebook_sha256(loaded.model)
-    if codebook != prior.record.get("codebook_sha256"):
-        raise UserError(f"{paths.prior_dir} is a prior over the codes of another {family} (codebook hash "
-                        f"{str(prior.record.get('codebook_sha256'))[:12]}…, {paths.model_dir} has {codebook[:12]}…); "
-                        f"re-run `dvae encode` and `dvae prior` for this model, or pass the model the prior was made "
-                        "for")
+    prior.check_model(loaded.model, paths.model_dir)
     maps = prior.maps
     labels = sample_labels(maps, settings.count)
     generator = torch.Generator().manual_seed(params.seed)
@@ -85,8 +78,7 @@ def draw(params: Params, paths: SamplePaths, family: str, show_progress: bool = 
                                                  for name, values in latent.items()}).float().cpu()
                             for i in range(0, settings.count, DECODE_BATCH)])
 
-    info = DatasetInfo(**{key: tuple(value) if isinstance(value, list) else value
-                          for key, value in prior.record["dataset_info"].items()})
+    info = DatasetInfo.from_fields(prior.record["dataset_info"])
     class_names = list(info.class_names) if labels is not None else []
     with atomic_path(paths.picture) as tmp:
         save_png(picture(images, labels, class_names), tmp)
