@@ -20,7 +20,14 @@ from typer.testing import CliRunner
 
 from dvae_cli.cli import app
 from dvae_cli.core.errors import UserError
-from dvae_cli.core.metrics import DCIResult, factorvae_score, hungarian_accuracy, mutual_information_gap, perplexity
+from dvae_cli.core.metrics import (
+    DCIResult,
+    factor_nmi,
+    factorvae_score,
+    hungarian_accuracy,
+    mutual_information_gap,
+    perplexity,
+)
 from dvae_cli.families import DiscreteVAE
 from dvae_cli.families.evaluation import (
     PROBABILITY_FLOOR,
@@ -165,7 +172,8 @@ def test_jointvae_metrics_end_to_end(encoded, tmp_path):
                       show_progress=False)
     metrics = json.loads((tmp_path / "metrics.json").read_text())
     assert metrics == result.metrics
-    assert set(metrics) == {"evaluation", "reconstruction", "latent", "elbo", "labels", "factors", "sample"}
+    assert set(metrics) == {"evaluation", "reconstruction", "latent", "elbo", "labels", "discrete_factors",
+                            "factors", "sample"}
     assert all(math.isfinite(number) for number in all_numbers(metrics))
     assert metrics["evaluation"] == {"split": TEST, "images": TEST_IMAGES}
     assert (result.split_name, result.num_images) == ("test", TEST_IMAGES)
@@ -195,6 +203,10 @@ def test_jointvae_metrics_end_to_end(encoded, tmp_path):
         hungarian_accuracy(categories, labels))
     # 3 categories for 3 shapes: the one-to-one matching is the measure, whatever categories the model uses.
     assert set(metrics["labels"]["discrete_0"]) == {"hungarian_accuracy", "nmi", "ari"}
+    with DatasetFile(encoded.dataset) as dataset:
+        factor_classes = dataset.factor_classes[dataset.indices(TEST)]
+    assert list(metrics["discrete_factors"]["discrete_0"].values()) == pytest.approx(
+        [nmi for nmi in factor_nmi(categories, factor_classes) if nmi is not None])
     assert set(metrics["factors"]["mig_per_factor"]) <= {"shape", "scale", "orientation", "posX", "posY"}
     assert {"mig", "factorvae_score", "factorvae_train_accuracy", "factorvae_active_dims"} <= set(metrics["factors"])
     assert "dci" not in metrics["factors"]

@@ -10,6 +10,7 @@ from dvae_cli.core.metrics import (
     clustering_scores,
     code_usage,
     dci,
+    factor_nmi,
     factorvae_score,
     hungarian_accuracy,
     linear_probe_accuracy,
@@ -112,6 +113,16 @@ def test_clustering_scores_report_majority_when_categories_outnumber_classes():
     scores = clustering_scores(categories, labels)
     assert scores.majority_accuracy == 1.0
     assert scores.hungarian_accuracy == pytest.approx(0.5)
+
+
+def test_factor_nmi_of_a_split_by_a_second_factor():
+    # Four categories = 2·shape + scale: each is one (shape, scale) pair, so I(c; shape) = I(c; scale) = ln 2 and
+    # H(c) = ln 4, giving NMI = ln 2 / ((ln 2 + ln 4) / 2) = 2/3 with each; the constant factor has none.
+    shape, scale = np.repeat([0, 1], 20), np.tile(np.repeat([0, 1], 10), 2)
+    factor_classes = np.stack([shape, scale, np.zeros(40, dtype=int)], axis=1)
+    nmi = factor_nmi(2 * shape + scale, factor_classes)
+    assert nmi[0] == pytest.approx(2 / 3) and nmi[1] == pytest.approx(2 / 3) and nmi[2] is None
+    assert factor_nmi(1 - shape, factor_classes)[:2] == pytest.approx((1.0, 0.0), abs=1e-12)
 
 
 # Disentanglement: the known cases of disentanglement_lib's unit tests

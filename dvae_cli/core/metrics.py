@@ -147,6 +147,20 @@ def clustering_scores(categories: np.ndarray, labels: np.ndarray) -> ClusterScor
     )
 
 
+def factor_nmi(categories: np.ndarray, factor_classes: np.ndarray) -> tuple[float | None, ...]:
+    """NMI of one discrete variable with each ground-truth factor, in factor order; None for a single-valued factor.
+
+    What a variable with more or fewer categories than the classes captures: a split by scale shows as NMI with
+    scale, a merge of shapes as a lower NMI with shape.
+    """
+    categories = np.asarray(categories)
+    if categories.ndim != 1 or factor_classes.ndim != 2 or len(categories) != len(factor_classes):
+        raise ValueError(f"categories {categories.shape} and factor_classes {factor_classes.shape} must be [N] and "
+                         f"[N, F]")
+    return tuple(float(normalized_mutual_info_score(column, categories)) if (column != column[0]).any() else None
+                 for column in factor_classes.T)
+
+
 def _check_factor_inputs(representation: np.ndarray, factor_classes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     representation = np.asarray(representation, dtype=np.float64)
     factor_classes = np.asarray(factor_classes)

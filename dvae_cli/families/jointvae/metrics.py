@@ -1,4 +1,5 @@
-"""JointVAE's evaluation sections: KL terms, negative ELBO, discrete variables against labels, factor metrics."""
+"""JointVAE's evaluation sections: KL terms, negative ELBO, discrete variables against labels and factors, factor
+metrics."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import math
 import numpy as np
 import torch
 
+from dvae_cli.core.metrics import factor_nmi
 from dvae_cli.families.evaluation import Evaluation, ReconstructionTotals, Sections, cluster_section, factor_metrics
 from dvae_cli.families.jointvae.model import JointVAEConfig, kl_categorical, kl_normal
 
@@ -25,7 +27,8 @@ def factor_representation(continuous_mean: np.ndarray, discrete: np.ndarray) -> 
 
 
 def jointvae_metrics(run: Evaluation) -> Sections:
-    """KL terms, negative ELBO, clustering of each discrete variable against the labels, factor metrics.
+    """KL terms, negative ELBO, clustering of each discrete variable against the labels, its NMI with each factor
+    ("discrete_factors"), factor metrics.
 
     The negative ELBO is evaluated at the posterior mean and the most likely categories (the evaluation-mode
     reconstruction), under the model's likelihood: Bernoulli NLL of the clamped decoder probabilities, or
@@ -63,6 +66,13 @@ def jointvae_metrics(run: Evaluation) -> Sections:
                                                                     run.info.num_classes)
                                   for j, categories in enumerate(config.discrete)}
     factor_classes = run.read("factor_classes")
+    if factor_classes is not None and discrete.shape[1]:
+        with run.timed("labels"):
+            sections["discrete_factors"] = {
+                f"discrete_{j}": {name: nmi for name, nmi in zip(run.info.factor_names,
+                                                                 factor_nmi(discrete[:, j], factor_classes))
+                                  if nmi is not None}
+                for j in range(discrete.shape[1])}
     if factor_classes is not None:
         sections.update(factor_metrics(run, factor_representation(mean, discrete), factor_classes))
     return sections
