@@ -183,7 +183,7 @@ def test_jointvae_metrics_end_to_end(encoded, tmp_path):
     with DatasetFile(encoded.dataset) as dataset:
         rows = dataset.indices(TEST)
         x = torch.from_numpy(dataset.read_images(rows)).float() / 255
-        labels = dataset.labels[rows]
+        labels, factor_classes = dataset.labels[rows], dataset.factor_classes[rows]
     with torch.no_grad():
         loss = loaded.model.loss(x, step=0)
     assert metrics["reconstruction"]["mse"] == pytest.approx(((loss.reconstruction - x) ** 2).mean().item(), rel=1e-5)
@@ -203,8 +203,6 @@ def test_jointvae_metrics_end_to_end(encoded, tmp_path):
         hungarian_accuracy(categories, labels))
     # 3 categories for 3 shapes: the one-to-one matching is the measure, whatever categories the model uses.
     assert set(metrics["labels"]["discrete_0"]) == {"hungarian_accuracy", "nmi", "ari"}
-    with DatasetFile(encoded.dataset) as dataset:
-        factor_classes = dataset.factor_classes[dataset.indices(TEST)]
     assert list(metrics["discrete_factors"]["discrete_0"].values()) == pytest.approx(
         [nmi for nmi in factor_nmi(categories, factor_classes) if nmi is not None])
     assert set(metrics["factors"]["mig_per_factor"]) <= {"shape", "scale", "orientation", "posX", "posY"}

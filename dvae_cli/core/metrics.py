@@ -157,8 +157,8 @@ def factor_nmi(categories: np.ndarray, factor_classes: np.ndarray) -> tuple[floa
     if categories.ndim != 1 or factor_classes.ndim != 2 or len(categories) != len(factor_classes):
         raise ValueError(f"categories {categories.shape} and factor_classes {factor_classes.shape} must be [N] and "
                          f"[N, F]")
-    return tuple(float(normalized_mutual_info_score(column, categories)) if (column != column[0]).any() else None
-                 for column in factor_classes.T)
+    return tuple(float(normalized_mutual_info_score(column, categories)) if varying else None
+                 for column, varying in zip(factor_classes.T, varying_factor_mask(factor_classes)))
 
 
 def _check_factor_inputs(representation: np.ndarray, factor_classes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -172,9 +172,14 @@ def _check_factor_inputs(representation: np.ndarray, factor_classes: np.ndarray)
     return representation, factor_classes
 
 
+def varying_factor_mask(factor_classes: np.ndarray) -> np.ndarray:
+    """[F] booleans: which factors take more than one value in the sample."""
+    return (factor_classes != factor_classes[:1]).any(axis=0)
+
+
 def _varying_factors(factor_classes: np.ndarray) -> np.ndarray:
     """Indices of the factors that take more than one value in the sample."""
-    varying = np.flatnonzero((factor_classes != factor_classes[:1]).any(axis=0))
+    varying = np.flatnonzero(varying_factor_mask(factor_classes))
     if varying.size == 0:
         raise ValueError("every factor has a single value in the sample; nothing to score")
     return varying

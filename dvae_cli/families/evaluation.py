@@ -28,6 +28,7 @@ from dvae_cli.core.metrics import (
     mutual_information_gap,
     normalized_mse,
     psnr,
+    varying_factor_mask,
 )
 from dvae_cli.core.progress import Advance
 from dvae_cli.families.base import as_tensor
@@ -148,7 +149,7 @@ def factor_metrics(run: Evaluation, representation: np.ndarray, factor_classes: 
         run.notes.append(f"evaluate.num_samples is {settings.num_samples} but the {SPLIT_NAMES[run.split]} "
                          f"split has {available} images; the factor metrics use all {available}")
     sample = {"seed": run.seed, "size": size, "requested": settings.num_samples}
-    if size < 2 or not (factor_classes != factor_classes[:1]).any():
+    if size < 2 or not varying_factor_mask(factor_classes).any():
         run.notes.append("factor metrics skipped: every ground-truth factor is constant in the sample")
         return {"sample": sample}
     factors: Sections = {}

@@ -66,13 +66,12 @@ def jointvae_metrics(run: Evaluation) -> Sections:
                                                                     run.info.num_classes)
                                   for j, categories in enumerate(config.discrete)}
     factor_classes = run.read("factor_classes")
-    if factor_classes is not None and discrete.shape[1]:
+    if factor_classes is not None:
         with run.timed("labels"):
             sections["discrete_factors"] = {
                 f"discrete_{j}": {name: nmi for name, nmi in zip(run.info.factor_names,
                                                                  factor_nmi(discrete[:, j], factor_classes))
                                   if nmi is not None}
                 for j in range(discrete.shape[1])}
-    if factor_classes is not None:
         sections.update(factor_metrics(run, factor_representation(mean, discrete), factor_classes))
     return sections
