@@ -190,6 +190,10 @@ def test_jointvae_metrics_end_to_end(encoded, tmp_path):
     latent, elbo = metrics["latent"], metrics["elbo"]
     assert latent["kl_z"] == pytest.approx(loss.terms["kl_z"].item(), rel=1e-5)
     assert latent["kl_c"] == pytest.approx(loss.terms["kl_c"].item(), rel=1e-5)
+    # The whole split is the loss's one batch, so the split's decomposition of KL_c is the batch estimate.
+    for name in ("mutual_information_c", "marginal_kl_c"):
+        assert latent[name] == pytest.approx(loss.terms[name].item(), rel=1e-4, abs=1e-6)
+    assert latent["mutual_information_c"] + latent["marginal_kl_c"] == pytest.approx(latent["kl_c"])
     for dim in range(4):
         assert latent["kl_z_per_dim"][str(dim)] == pytest.approx(loss.terms[f"kl_z_{dim}"].item(), rel=1e-5)
     assert latent["active_dims"] == sum(kl > 0.01 for kl in latent["kl_z_per_dim"].values())

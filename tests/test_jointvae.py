@@ -10,6 +10,7 @@ from dvae_cli.families.jointvae.model import (
     JointVAE,
     JointVAEConfig,
     capacity,
+    categorical_decomposition,
     gumbel_softmax_sample,
     kl_categorical,
     kl_normal,
@@ -127,6 +128,14 @@ def test_capacity_rises_linearly_then_holds():
     assert capacity(schedule, 1000) == pytest.approx(10.0)
 
 
+def test_capacity_waits_for_its_start_step():
+    schedule = CapacitySchedule(max=10.0, steps=100, gamma=1.0, start=40)
+    assert [capacity(schedule, step) for step in (0, 40)] == [0.0, 0.0]
+    assert capacity(schedule, 90) == pytest.approx(5.0)
+    assert capacity(schedule, 140) == pytest.approx(10.0)
+    assert capacity(schedule, 10**6) == pytest.approx(10.0)
+
+
 def test_capacity_is_capped_at_the_ceiling():
     schedule = CapacitySchedule(max=5.0, steps=100, gamma=1.0)
     ceiling = math.log(3) + math.log(2)
@@ -167,11 +176,42 @@ def test_terms_are_named_scalars_that_add_up():
     torch.manual_seed(0)
     model = make_model(continuous=3, discrete=[3, 2])
     terms = model.loss(random_images(4), 0).terms
-    expected = {"recon", "kl_z", "kl_c", "capacity_z", "capacity_c", "kl_z_0", "kl_z_1", "kl_z_2", "kl_c_0", "kl_c_1"}
+    expected = {"recon", "kl_z", "kl_c", "capacity_z", "capacity_c", "kl_z_0", "kl_z_1", "kl_z_2", "kl_c_0", "kl_c_1",
+                "mutual_information_c", "marginal_kl_c", "mutual_information_c_0", "mutual_information_c_1",
+                "marginal_kl_c_0", "marginal_kl_c_1"}
     assert set(terms) == expected
     assert all(term.shape == () and term.dtype == torch.float32 for term in terms.values())
     torch.testing.assert_close(terms["kl_z"], terms["kl_z_0"] + terms["kl_z_1"] + terms["kl_z_2"])
     torch.testing.assert_close(terms["kl_c"], terms["kl_c_0"] + terms["kl_c_1"])
+    torch.testing.assert_close(terms["mutual_information_c"], terms["mutual_information_c_0"]
+                               + terms["mutual_information_c_1"])
+    torch.testing.assert_close(terms["kl_c"], terms["mutual_information_c"] + terms["marginal_kl_c"])
+
+
+def test_categorical_decomposition_of_known_codes():
+    # Two images, each certain of its own category: KL_c = log 2, all of it information about x.
+    kl, information, marginal = categorical_decomposition(torch.tensor([[1.0, 0.0], [0.0, 1.0]]))
+    assert (kl.item(), information.item(), marginal.item()) == pytest.approx((math.log(2), math.log(2), 0.0), abs=1e-6)
+    # A confident constant code: the same KL_c, none of it about x (the collapse eq. 5 cannot see).
+    kl, information, marginal = categorical_decomposition(torch.tensor([[1.0, 0.0], [1.0, 0.0]]))
+    assert (kl.item(), information.item(), marginal.item()) == pytest.approx((math.log(2), 0.0, math.log(2)), abs=1e-6)
+    # By hand: q(c|x) = (0.5, 0.5, 0) and (0.5, 0, 0.5); q(c) = (0.5, 0.25, 0.25).
+    kl, information, marginal = categorical_decomposition(torch.tensor([[0.5, 0.5, 0.0], [0.5, 0.0, 0.5]]))
+    assert kl.item() == pytest.approx(math.log(3) - math.log(2), abs=1e-6)
+    assert marginal.item() == pytest.approx(math.log(3) - 1.5 * math.log(2), abs=1e-6)
+    assert information.item() == pytest.approx(0.5 * math.log(2), abs=1e-6)
+
+
+def test_capacity_on_mutual_information_and_the_marginal_penalty():
+    torch.manual_seed(0)
+    model = make_model(cont_capacity=CapacitySchedule(5.0, 100, 3.0), disc_capacity=CapacitySchedule(1.0, 100, 7.0),
+                       disc_capacity_of="mutual_information", marginal_gamma=2.5)
+    output = model.loss(random_images(4), 30)
+    terms = output.terms
+    expected = (terms["recon"] + 3.0 * (terms["kl_z"] - terms["capacity_z"]).abs()
+                + 7.0 * (terms["mutual_information_c"] - terms["capacity_c"]).abs() + 2.5 * terms["marginal_kl_c"])
+    torch.testing.assert_close(output.loss.detach(), expected)
+
 
 
 def test_kl_terms_match_the_encoded_posterior():

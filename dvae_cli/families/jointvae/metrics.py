@@ -10,7 +10,7 @@ import torch
 
 from dvae_cli.core.metrics import factor_nmi
 from dvae_cli.families.evaluation import Evaluation, ReconstructionTotals, Sections, cluster_section, factor_metrics
-from dvae_cli.families.jointvae.model import JointVAEConfig, kl_categorical, kl_normal
+from dvae_cli.families.jointvae.model import JointVAEConfig, categorical_decomposition, kl_normal
 
 ACTIVE_KL_THRESHOLD = 0.01
 """A continuous dimension whose KL (nats, averaged over images) exceeds this counts as active."""
@@ -27,8 +27,8 @@ def factor_representation(continuous_mean: np.ndarray, discrete: np.ndarray) -> 
 
 
 def jointvae_metrics(run: Evaluation) -> Sections:
-    """KL terms, negative ELBO, clustering of each discrete variable against the labels, its NMI with each factor
-    ("discrete_factors"), factor metrics.
+    """KL terms (KL_c also split into I(x; c) and KL(q(c) ‖ p(c))), negative ELBO, clustering of each discrete
+    variable against the labels, its NMI with each factor ("discrete_factors"), factor metrics.
 
     The negative ELBO is evaluated at the posterior mean and the most likely categories (the evaluation-mode
     reconstruction), under the model's likelihood: Bernoulli NLL of the clamped decoder probabilities, or
@@ -46,7 +46,9 @@ def jointvae_metrics(run: Evaluation) -> Sections:
     with run.timed("kl"):
         kl_per_dim = kl_normal(torch.from_numpy(mean).double(), torch.from_numpy(logvar).double()).numpy()
         split_probs = np.split(probs, np.cumsum(config.discrete)[:-1], axis=1) if config.discrete else []
-        kl_per_variable = [kl_categorical(torch.from_numpy(p).double()).item() for p in split_probs]
+        decompositions = [[term.item() for term in categorical_decomposition(torch.from_numpy(p).double())]
+                          for p in split_probs]
+    kl_per_variable = [kl for kl, _, _ in decompositions]
     kl_z, kl_c = float(kl_per_dim.sum()), float(sum(kl_per_variable))
     recon_nll = (totals.bernoulli_nll / totals.images if config.likelihood == "bernoulli"
                  else gaussian_nll_per_image(totals))
@@ -55,6 +57,12 @@ def jointvae_metrics(run: Evaluation) -> Sections:
         "latent": {"kl_z": kl_z, "kl_c": kl_c,
                    "kl_z_per_dim": {str(i): float(kl) for i, kl in enumerate(kl_per_dim)},
                    "kl_c_per_variable": {str(j): kl for j, kl in enumerate(kl_per_variable)},
+                   # KL_c = I(x; c) + KL(q(c) ‖ p(c)), q(c) the split's mean of q(c|x): a KL_c of a code that
+                   # carries nothing about x is all marginal.
+                   "mutual_information_c": sum(information for _, information, _ in decompositions),
+                   "marginal_kl_c": sum(marginal for _, _, marginal in decompositions),
+                   "mutual_information_c_per_variable": {str(j): information
+                                                         for j, (_, information, _) in enumerate(decompositions)},
                    "active_dims": int((kl_per_dim > ACTIVE_KL_THRESHOLD).sum())},
         "elbo": {"negative_elbo": negative_elbo, "reconstruction_nll": recon_nll,
                  "bits_per_dim": negative_elbo / (totals.pixels_per_image * math.log(2))},

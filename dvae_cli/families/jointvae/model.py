@@ -40,6 +40,7 @@ class CapacitySchedule:
     max: float = param(help="capacity C reached at the end of the ramp, in nats", ge=0)
     steps: int = param(help="steps over which C rises linearly from 0", ge=1)
     gamma: float = param(help="weight γ of |KL − C|", ge=0)
+    start: int = param(0, help="step at which the ramp starts (C is 0 before it)", ge=0)
 
 
 @dataclass(frozen=True)
@@ -55,6 +56,13 @@ class JointVAEConfig:
     cont_capacity: CapacitySchedule = param(factory=lambda: CapacitySchedule(15.0, 1500, 1.0), help="C_z schedule")
     disc_capacity: CapacitySchedule = param(factory=lambda: CapacitySchedule(1.1, 1500, 1.0),
                                             help="C_c schedule (capped at Σ log k)")
+    # Opt-in terms beside eq. 5 (their defaults give eq. 5): E_x KL(q(c|x) ‖ p(c)) = I(x; c) + KL(q(c) ‖ p(c)), and a
+    # confident constant code meets C_c through the second term alone, carrying nothing about x.
+    disc_capacity_of: Literal["kl", "mutual_information"] = param(
+        "kl", help="what C_c controls: kl (eq. 5, E_x KL(q(c|x) ‖ p(c))) or mutual_information (its batch estimate "
+                   "of I(x; c))")
+    marginal_gamma: float = param(0.0, help="weight λ of KL(q(c) ‖ p(c)), the batch marginal of each discrete "
+                                            "variable against its uniform prior", ge=0)
     lr: float = param(1.0e-3, help="Adam learning rate", gt=0)
     batch_size: int = param(64, help="global batch size", ge=1, le=1 << 16)
     epochs: int = param(6, help="passes over the train split", ge=1)
@@ -95,9 +103,20 @@ def kl_categorical(probs: Tensor) -> Tensor:
     return math.log(probs.shape[1]) + negative_entropy.mean()
 
 
+def categorical_decomposition(probs: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """E_x KL(q(c|x) ‖ u) = I(x; c) + KL(q(c) ‖ u) over a batch [N, k], q(c) the batch mean of q(c|x).
+
+    Returns (KL_c, I(x; c), KL(q(c) ‖ u)), each a scalar; the identity holds exactly for these batch estimates.
+    """
+    kl = kl_categorical(probs)
+    marginal_kl = kl_categorical(probs.mean(0, keepdim=True))
+    return kl, kl - marginal_kl, marginal_kl
+
+
 def capacity(schedule: CapacitySchedule, step: int, ceiling: float = math.inf) -> float:
-    """C at `step`: rises linearly from 0 to schedule.max over schedule.steps, then stays; never above `ceiling`."""
-    return min(schedule.max * step / schedule.steps, schedule.max, ceiling)
+    """C at `step`: 0 until schedule.start, then rises linearly to schedule.max over schedule.steps and stays there;
+    never above `ceiling`."""
+    return min(schedule.max * max(step - schedule.start, 0) / schedule.steps, schedule.max, ceiling)
 
 
 def _convolution_count(image_size: int) -> int:
@@ -168,7 +187,11 @@ class JointVAE(DiscreteVAE):
         self.features_to_img = _build_features_to_img(data.channels, convolutions)
 
     def loss(self, x: Tensor, step: int) -> LossOutput:
-        """Paper eq. 5: −E[log p(x|z,c)] + γ_z |KL(q(z|x) ‖ p(z)) − C_z| + γ_c |KL(q(c|x) ‖ p(c)) − C_c|."""
+        """Paper eq. 5: −E[log p(x|z,c)] + γ_z |KL(q(z|x) ‖ p(z)) − C_z| + γ_c |KL(q(c|x) ‖ p(c)) − C_c|.
+
+        With `disc_capacity_of: mutual_information` the last term is γ_c |I(x; c) − C_c|; `marginal_gamma` λ adds
+        λ KL(q(c) ‖ p(c)). Both are batch estimates (`categorical_decomposition`), summed over discrete variables.
+        """
         posterior = self._posterior(x)
         if self.training:
             z = posterior.mean + torch.exp(0.5 * posterior.logvar) * self.batch_noise(posterior.mean)
@@ -186,14 +209,21 @@ class JointVAE(DiscreteVAE):
             recon = (reconstruction - target).pow(2).sum() / x.shape[0]
 
         kl_z_per_dimension = kl_normal(posterior.mean, posterior.logvar)
-        kl_c_per_variable = [kl_categorical(F.softmax(logits, dim=1)) for logits in posterior.logits]
+        decompositions = [categorical_decomposition(F.softmax(logits, dim=1)) for logits in posterior.logits]
+        zero = torch.zeros((), device=x.device)
+        kl_c_per_variable = [kl for kl, _, _ in decompositions]
         kl_z = kl_z_per_dimension.sum()
-        kl_c = sum(kl_c_per_variable, torch.zeros((), device=x.device))
+        kl_c = sum(kl_c_per_variable, zero)
+        mutual_information_c = sum((information for _, information, _ in decompositions), zero)
+        marginal_kl_c = sum((marginal for _, _, marginal in decompositions), zero)
         # A missing part has capacity 0, so it adds nothing to the loss.
         capacity_z = capacity(self.config.cont_capacity, step, math.inf if self.continuous else 0.0)
         capacity_c = capacity(self.config.disc_capacity, step, sum(math.log(k) for k in self.discrete))
+        controlled_c = kl_c if self.config.disc_capacity_of == "kl" else mutual_information_c
         total = (recon + self.config.cont_capacity.gamma * (kl_z - capacity_z).abs()
-                 + self.config.disc_capacity.gamma * (kl_c - capacity_c).abs())
+                 + self.config.disc_capacity.gamma * (controlled_c - capacity_c).abs())
+        if self.config.marginal_gamma:
+            total = total + self.config.marginal_gamma * marginal_kl_c
 
         terms = {
             "recon": recon,
@@ -203,6 +233,9 @@ class JointVAE(DiscreteVAE):
             "capacity_c": torch.tensor(capacity_c, device=x.device),
             **{f"kl_z_{i}": kl for i, kl in enumerate(kl_z_per_dimension)},
             **{f"kl_c_{j}": kl for j, kl in enumerate(kl_c_per_variable)},
+            **({"mutual_information_c": mutual_information_c, "marginal_kl_c": marginal_kl_c} if self.discrete else {}),
+            **{f"mutual_information_c_{j}": information for j, (_, information, _) in enumerate(decompositions)},
+            **{f"marginal_kl_c_{j}": marginal for j, (_, _, marginal) in enumerate(decompositions)},
         }
         return LossOutput(loss=total, terms={name: term.detach() for name, term in terms.items()},
                           reconstruction=reconstruction.detach())
@@ -256,6 +289,11 @@ class JointVAE(DiscreteVAE):
 
     def code_value_counts(self) -> dict[str, int | tuple[int, ...]]:
         return {"discrete": tuple(self.discrete)} if self.discrete else {}
+
+    def class_warnings(self, num_classes: int) -> list[str]:
+        return [f"jointvae.discrete[{j}] has {categories} categories for {num_classes} classes: the extra categories "
+                "split classes, and the Hungarian accuracy counts one category per class"
+                for j, categories in enumerate(self.discrete) if num_classes and categories > num_classes]
 
     def _device(self) -> torch.device:
         return self.features_to_hidden[0].weight.device
