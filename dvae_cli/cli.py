@@ -19,7 +19,7 @@ import typer
 from rich.table import Table
 
 from dvae_cli import __version__
-from dvae_cli.core.errors import UserError
+from dvae_cli.core.errors import UserError, warn
 from dvae_cli.core.files import refused_write, remove_pending_temporaries
 from dvae_cli.core.progress import console
 from dvae_cli.families import FAMILIES, code_map_name, get_family
@@ -120,6 +120,8 @@ def prepare_data_command(
     params = params_with(params_file, preset, [*(set_ or []), *subset_option], data__dataset=dataset, data__root=root,
                          data__image_size=image_size, data__channels=channels, seed=seed)
     summary = prepare_data(params, out)
+    for message in summary.warnings:
+        warn(message)
     table = Table(title=f"{summary.path}")
     table.add_column("")
     table.add_column("value")

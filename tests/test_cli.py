@@ -84,6 +84,35 @@ def test_empty_image_folder(tmp_path, write_params):
     assert_no_output(tmp_path, out)
 
 
+def test_empty_class_folder_and_a_class_missing_from_test(tmp_path, write_params, image_folder, png_writer):
+    (image_folder / "bird").mkdir()
+    params = write_params(data={"dataset": "folder", "root": str(image_folder)})
+    out = tmp_path / "dataset.h5"
+    result = run_dvae("prepare-data", "--params", str(params), "--out", str(out), cwd=tmp_path)
+    assert_user_error(result, "class folder", "images/bird holds no images; add its images or remove the folder")
+    assert_no_output(tmp_path, out)
+    split_root = tmp_path / "split"
+    for name in ("train/a/0.png", "train/b/0.png", "test/a/0.png"):
+        png_writer(split_root / name, np.zeros((8, 8), dtype=np.uint8))
+    result = run_dvae("prepare-data", "--params", str(params), "--root", "split", "--out", str(out), cwd=tmp_path)
+    assert_user_error(result, "split/test has no folder for class 'b'; give every class images under both train/ and "
+                              "test/")
+    assert_no_output(tmp_path, out)
+
+
+def test_unbalanced_classes_are_a_warning_and_the_dataset_is_written(tmp_path, write_params, png_writer):
+    for name, count in (("few", 2), ("many", 5)):
+        for i in range(count):
+            png_writer(tmp_path / "images" / name / f"{i}.png", np.zeros((8, 8), dtype=np.uint8))
+    params = write_params(data={"dataset": "folder", "root": "images", "image_size": 8, "split": [1.0, 0.0, 0.0]})
+    out = tmp_path / "dataset.h5"
+    result = run_dvae("prepare-data", "--params", str(params), "--out", str(out), cwd=tmp_path)
+    assert result.returncode == 0
+    assert [line for line in result.stderr.splitlines() if line.startswith("warning")] == [
+        "warning: classes are unbalanced: 'few' has 2 images, 'many' 5; clustering scores favour the large classes"]
+    assert out.exists()
+
+
 def test_folder_without_a_readable_image_names_the_files(tmp_path, write_params):
     root = tmp_path / "broken"
     root.mkdir()

@@ -4,7 +4,7 @@ import pytest
 from dvae_cli.core.errors import UserError
 from dvae_cli.formats.dataset import TEST, TRAIN, VAL, DatasetFile
 from dvae_cli.params import DataConfig, Params
-from dvae_cli.stages.prepare import assign_split, describe_skipped, prepare_data, select_subset
+from dvae_cli.stages.prepare import assign_split, check_classes, describe_skipped, prepare_data, select_subset
 
 
 def rng(seed: int = 0) -> np.random.Generator:
@@ -193,3 +193,32 @@ def test_prepare_mnist_subset_keeps_rows_and_labels_together(tmp_path, fake_mnis
         assert rows == sorted(rows)
         np.testing.assert_array_equal(dataset.labels, all_labels[rows])
         np.testing.assert_array_equal(dataset.split == TEST, np.array(rows) >= 40)
+
+
+def test_prepare_keeps_a_folders_test_split_and_carves_val_from_train(tmp_path, png_writer):
+    root = tmp_path / "digits"
+    for split, count in (("train", 8), ("test", 2)):
+        for name in ("a", "b"):
+            for i in range(count):
+                png_writer(root / split / name / f"{i}.png", np.full((8, 8), i, dtype=np.uint8))
+    (root / "train" / "a" / "3.png").write_bytes(b"unreadable")
+    out = tmp_path / "dataset.h5"
+    summary = prepare_data(folder_params(root, image_size=8, channels=1, split=[0.8, 0.2, 0.0]), out,
+                           show_progress=False)
+    assert summary.split_counts == {"train": 12, "val": 3, "test": 4}
+    assert summary.warnings == []
+    with DatasetFile(out) as dataset:
+        test_rows = dataset.indices(TEST)
+        paths = dataset.file["source_paths"].asstr()[:]
+        assert sorted(paths[test_rows]) == ["test/a/0.png", "test/a/1.png", "test/b/0.png", "test/b/1.png"]
+        np.testing.assert_array_equal(dataset.labels[test_rows], [0, 0, 1, 1])
+
+
+def test_check_classes_warns_of_unbalanced_classes_and_of_a_class_missing_from_the_test_split():
+    labels = np.array([0, 0, 0, 0, 0, 1, 1, 2, 2, 2])
+    split = np.array([TRAIN] * 8 + [TEST, TEST])
+    warnings = check_classes(labels, split, ("zero", "one", "two"))
+    assert warnings == ["the test split has no images of class 'zero', 'one'; its scores leave that class out",
+                        "classes are unbalanced: 'one' has 2 images, 'zero' 5; clustering scores favour the large "
+                        "classes"]
+    assert check_classes(labels[5:] - 1, split[5:] * 0, ()) == []  # no test rows, balanced

@@ -146,6 +146,43 @@ def test_empty_folder(tmp_path):
         FolderSource(folder_config(tmp_path / "empty"))
 
 
+def split_folder(root, png_writer, test_classes=("cat", "dog")):
+    """train/ with cat (2 images) and dog (1), test/ with one image of each of `test_classes`."""
+    for split, name, count in (("train", "cat", 2), ("train", "dog", 1),
+                               *(("test", name, 1) for name in test_classes)):
+        for i in range(count):
+            png_writer(root / split / name / f"{i}.png", np.full((8, 8), 10 * i + (100 if name == "dog" else 0),
+                                                                 dtype=np.uint8))
+    return root
+
+
+def test_train_and_test_folders_keep_their_split(tmp_path, png_writer):
+    source = FolderSource(folder_config(split_folder(tmp_path / "digits", png_writer), image_size=8, channels=1))
+    assert source.info.class_names == ("cat", "dog")
+    assert source.names == ["train/cat/0.png", "train/cat/1.png", "train/dog/0.png", "test/cat/0.png", "test/dog/0.png"]
+    np.testing.assert_array_equal(source.official_split(), [TRAIN, TRAIN, TRAIN, TEST, TEST])
+    np.testing.assert_array_equal(read_all(source)[1], [0, 0, 1, 0, 1])
+
+
+def test_a_class_without_test_images_is_refused(tmp_path, png_writer):
+    root = split_folder(tmp_path / "digits", png_writer, test_classes=("cat",))
+    with pytest.raises(UserError, match=r"digits/test has no folder for class 'dog'; give every class images under "
+                                        r"both train/ and test/"):
+        FolderSource(folder_config(root))
+
+
+def test_an_empty_class_folder_is_refused(image_folder):
+    (image_folder / "bird").mkdir()
+    with pytest.raises(UserError, match=r"class folder .*images/bird holds no images; add its images or remove"):
+        FolderSource(folder_config(image_folder))
+
+
+def test_unreadable_rows_are_named_by_their_source_row(image_folder):
+    (image_folder / "cat" / "1.png").write_bytes(b"not a png")
+    chunk = FolderSource(folder_config(image_folder, image_size=8, channels=1)).read(np.arange(5))
+    np.testing.assert_array_equal(chunk.source_rows, [0, 2, 3, 4])
+
+
 def test_open_source_picks_the_source(image_folder, fake_mnist):
     assert isinstance(open_source(folder_config(image_folder)), FolderSource)
     assert isinstance(open_source(DataConfig(dataset="mnist", root=str(fake_mnist.root))), TorchvisionSource)

@@ -92,6 +92,15 @@ def test_short_run_learns(tmp_path: Path, tiny_dataset: Path, family: str) -> No
         assert record["final_metrics"]["epoch/codes_used_fraction"] >= 0.5
 
 
+def test_more_categories_than_classes_is_a_warning_and_the_run_goes_on(tmp_path: Path, tiny_dataset: Path,
+                                                                       capsys: pytest.CaptureFixture[str]) -> None:
+    model_dir = run_training(tmp_path, tiny_dataset, "jointvae", **{"jointvae.discrete": [5, 3], "train.max_steps": 2})
+    assert capsys.readouterr().err.splitlines() == [
+        "warning: jointvae.discrete[0] has 5 categories for 3 classes: the extra categories split classes, and the "
+        "Hungarian accuracy counts one category per class"]
+    assert (model_dir / "model.safetensors").exists()
+
+
 def test_vqvae_keeps_most_of_a_64_code_book(tmp_path: Path, tiny_dataset: Path) -> None:
     model_dir = run_training(tmp_path, tiny_dataset, "vqvae", **{"vqvae.num_codes": 64, "vqvae.epochs": 6,
                                                                 "vqvae.lr": 2e-3})

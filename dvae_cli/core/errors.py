@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import sys
+
 
 class UserError(Exception):
     """A mistake the user can fix: bad params, missing or foreign files, mismatched model and data.
@@ -12,3 +14,8 @@ class UserError(Exception):
 
 class TrainingDiverged(UserError):
     """The loss became NaN or infinite; the last good checkpoint is kept."""
+
+
+def warn(message: str) -> None:
+    """One line on stderr about something questionable that leaves the result valid; the command goes on."""
+    print(f"warning: {message}", file=sys.stderr, flush=True)

@@ -100,6 +100,10 @@ class DiscreteVAE(Trainable):
         the array's last axis. The codes file picks its dtype from them; `out_of_range_codes` checks stored codes."""
         return {}
 
+    def class_warnings(self, num_classes: int) -> list[str]:
+        """What is questionable, though valid, in training this model on data of `num_classes` labelled classes."""
+        return []
+
     def extra_arrays(self) -> dict[str, Tensor]:
         """Arrays the codes file stores once beside the per-row ones (VQ-VAE: the codebook)."""
         return {}

@@ -73,6 +73,8 @@ class DatasetChunk:
     factors: np.ndarray | None = None
     factor_classes: np.ndarray | None = None
     source_paths: Sequence[str] | None = None
+    source_rows: np.ndarray | None = None
+    """The source's row of each image, where a source drops rows it cannot read (None: the rows asked for)."""
 
     def __len__(self) -> int:
         return len(self.images)

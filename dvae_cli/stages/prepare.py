@@ -18,6 +18,8 @@ from dvae_cli.sources import open_source
 ROWS_PER_READ = 8192
 SKIPPED_SHOWN = 5
 """Skipped files named in the summary and in errors; the rest are counted."""
+UNBALANCED_RATIO = 2.0
+"""Classes whose sizes differ by more than this factor are named in a warning."""
 
 
 @dataclass(frozen=True)
@@ -27,6 +29,8 @@ class PrepareSummary:
     split_counts: dict[str, int]
     skipped: list[str]
     """The unreadable files left out, relative to data.root."""
+    warnings: list[str]
+    """What makes the dataset questionable without making it wrong (classes of very different sizes)."""
     file_bytes: int
     seconds: float
 
@@ -69,6 +73,21 @@ def assign_split(num_rows: int, fractions: list[float], rng: np.random.Generator
     return split
 
 
+def check_classes(labels: np.ndarray, split: np.ndarray, class_names: tuple[str, ...]) -> list[str]:
+    """Warnings about the classes: one missing from a non-empty test split, classes of very different sizes."""
+    counts = np.bincount(labels, minlength=len(class_names))
+    names = class_names or tuple(str(label) for label in range(len(counts)))
+    test_counts = np.bincount(labels[split == TEST], minlength=len(counts))
+    warnings = []
+    if test_counts.sum() and not test_counts.all():
+        missing = ", ".join(repr(names[i]) for i in np.flatnonzero(test_counts == 0))
+        warnings.append(f"the test split has no images of class {missing}; its scores leave that class out")
+    if counts.min() * UNBALANCED_RATIO < counts.max():
+        warnings.append(f"classes are unbalanced: {names[counts.argmin()]!r} has {counts.min():,} images, "
+                        f"{names[counts.argmax()]!r} {counts.max():,}; clustering scores favour the large classes")
+    return warnings
+
+
 def prepare_data(params: Params, out: Path, show_progress: bool = True) -> PrepareSummary:
     started = time.perf_counter()
     check_output(out, [Path(params.data.root)] if params.data.root else [])
@@ -76,23 +95,30 @@ def prepare_data(params: Params, out: Path, show_progress: bool = True) -> Prepa
     subset_rng, split_rng = (np.random.default_rng(seed) for seed in np.random.SeedSequence(params.seed).spawn(2))
     rows = select_subset(len(source), params.data.subset, subset_rng)
     produced_by = {"seed": params.seed, "data": asdict(params.data)}
+    read_rows, labels, warnings = [], [], []
     with atomic_path(out) as tmp:
         writer = DatasetWriter(tmp, source.info, produced_by)
         try:
             with progress_bar(f"prepare {params.data.dataset}", len(rows), enabled=show_progress) as advance:
                 for start in range(0, len(rows), ROWS_PER_READ):
                     batch = rows[start:start + ROWS_PER_READ]
-                    writer.append(source.read(batch))
+                    chunk = source.read(batch)
+                    writer.append(chunk)
+                    read_rows.append(batch if chunk.source_rows is None else chunk.source_rows)
+                    if chunk.labels is not None:
+                        labels.append(chunk.labels)
                     advance(len(batch))
             if writer.num_rows == 0:
                 raise UserError(f"none of the {len(rows)} images of {params.data.root} could be read "
                                 f"({describe_skipped(source.skipped)}); check that data.root holds image files")
             official = source.official_split()
             split = assign_split(writer.num_rows, params.data.split, split_rng,
-                                 None if official is None else official[rows])
+                                 None if official is None else official[np.concatenate(read_rows)])
+            if labels:
+                warnings = check_classes(np.concatenate(labels), split, source.info.class_names)
             writer.finish(split)
         finally:
             writer.close()
     counts = {name: int((split == i).sum()) for i, name in enumerate(SPLIT_NAMES)}
-    return PrepareSummary(path=out, info=source.info, split_counts=counts, skipped=source.skipped,
+    return PrepareSummary(path=out, info=source.info, split_counts=counts, skipped=source.skipped, warnings=warnings,
                           file_bytes=out.stat().st_size, seconds=time.perf_counter() - started)

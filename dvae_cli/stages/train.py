@@ -19,6 +19,7 @@ from torch import Tensor
 
 from dvae_cli import __version__
 from dvae_cli.core.distributed import Cluster
+from dvae_cli.core.errors import warn
 from dvae_cli.core.files import sha256_file
 from dvae_cli.core.runtime import Runtime
 from dvae_cli.families import DataShape, DiscreteVAE, get_family
@@ -75,6 +76,7 @@ class TrainingData:
     train: Tensor
     val: Tensor
     shape: DataShape
+    num_classes: int
     sha256: str
     eval_sample: EvalSample | None
 
@@ -96,9 +98,11 @@ def load_training_data(path: Path, runtime: Runtime, eval_seed: int | None) -> T
         train_images = dataset.read_images(train_rows)
         val_images = dataset.read_images(val_rows)
         shape = DataShape(dataset.info.channels, dataset.info.image_size, pixel_variance(pixel_histogram(train_images)))
+        num_classes = dataset.info.num_classes
         eval_sample = None if eval_seed is None else read_eval_sample(dataset, eval_seed)
     return TrainingData(train=runtime.place(torch.from_numpy(train_images)),
-                        val=runtime.place(torch.from_numpy(val_images)), shape=shape, sha256=sha256_file(path),
+                        val=runtime.place(torch.from_numpy(val_images)), shape=shape,
+                        num_classes=num_classes, sha256=sha256_file(path),
                         eval_sample=eval_sample)
 
 
@@ -143,10 +147,16 @@ def train(params: Params, family: str, paths: TrainPaths, restart: bool = False,
                 "dataset_sha256": data.sha256, "seed": params.seed, "steps": steps, "dvae_version": __version__,
                 "final_metrics": metrics})
 
+        def build() -> Trainable:
+            model = get_family(family).model(config, data.shape)
+            for message in model.class_warnings(data.num_classes) if cluster.is_main else []:
+                warn(message)
+            return model
+
         sample = data.eval_sample
         return Job(name=family, section=family, config=config, fingerprint=run_fingerprint(params, family, data.sha256),
                    train=data.train, val=data.val, as_input=runtime.images,
-                   build=lambda: get_family(family).model(config, data.shape), save=save,
+                   build=build, save=save,
                    score=None if sample is None else lambda model: score_sample(model, family, config, sample, params,
                                                                                  runtime),
                    pixel_variance=data.shape.pixel_variance)
