@@ -1,7 +1,7 @@
 """A disentangled JointVAE on a CPU: presets/jointvae-dsprites-cpu.yaml from data to metrics, per seed.
 
 Usage: python benchmarks/disentangle_cpu.py --seed S [--seed S2 ...] [--preset NAME] [--out runs/disentangle-cpu]
-                                            [--docs DIR]
+                                            [--set KEY=VALUE ...] [--docs DIR] [--results FILE]
 Targets (2-core CPU): at most 60 minutes of training; on the test split with evaluate.num_samples 10000,
 MIG ≥ 0.40 and FactorVAE score ≥ 0.76; the discrete variable's shape accuracy is reported (aim ≥ 0.9).
 
@@ -22,10 +22,10 @@ import json
 import shutil
 import statistics
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from dvae_cli.params import Params, load_params
+from dvae_cli.params import Params, load_params, parse_set_options
 from dvae_cli.stages.encode import EncodePaths, encode_dataset
 from dvae_cli.stages.evaluate import EvaluatePaths, evaluate
 from dvae_cli.stages.prepare import prepare_data
@@ -121,7 +121,10 @@ def main() -> None:
     parser.add_argument("--seed", type=int, action="append", required=True, help="repeatable")
     parser.add_argument("--preset", default="jointvae-dsprites-cpu")
     parser.add_argument("--out", type=Path, default=Path("runs/disentangle-cpu"))
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a param, as dvae's -S (repeatable)")
     parser.add_argument("--docs", type=Path, help="copy the first seed's pictures here")
+    parser.add_argument("--results", type=Path, help="write the per-seed figures here as JSON")
     parser.add_argument("--restart", action="store_true", help="train again even where a seed has finished")
     args = parser.parse_args()
 
@@ -130,7 +133,8 @@ def main() -> None:
         folder = args.out / f"seed-{seed}"
         if args.restart or not (folder / "timing.json").exists():
             (folder / "timing.json").unlink(missing_ok=True)
-            run_seed(load_params("params.yaml", {"seed": seed}, preset=args.preset), folder, args.restart)
+            overrides = {**parse_set_options(args.overrides), "seed": seed}
+            run_seed(load_params("params.yaml", overrides, preset=args.preset), folder, args.restart)
         results.append(SeedResult.read(seed, folder))
         result = results[-1]
         print(f"seed {seed}: training {result.train_minutes:.1f} min (all stages {result.total_minutes:.1f} min), "
@@ -141,6 +145,11 @@ def main() -> None:
               f"MIG {mean_sd([r.mig for r in results])}, FactorVAE {mean_sd([r.factorvae for r in results])}, "
               f"shape accuracy {mean_sd([r.shape_accuracy for r in results])}")
     print(f"targets: training ≤ {TRAINING_MINUTES} min, MIG ≥ {TARGETS['mig']}, FactorVAE ≥ {TARGETS['factorvae']}")
+    if args.results:
+        args.results.parent.mkdir(parents=True, exist_ok=True)
+        args.results.write_text(json.dumps({"preset": args.preset, "overrides": args.overrides,
+                                            "targets": {**TARGETS, "training_minutes": TRAINING_MINUTES},
+                                            "seeds": [asdict(result) for result in results]}, indent=2) + "\n")
     if args.docs:
         first = args.out / f"seed-{args.seed[0]}"
         for name, target in DOCS_FILES.items():
