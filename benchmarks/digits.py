@@ -125,24 +125,24 @@ def confusion_table(categories: np.ndarray, labels: np.ndarray) -> np.ndarray:
     return table
 
 
-def held_out_confusion(codes: Path, categories: int) -> np.ndarray:
-    """The held-out digits' confusion: rows are the discrete variable's categories, columns the digit classes."""
+def held_out_codes(codes: Path) -> tuple[np.ndarray, np.ndarray]:
+    """The held-out digits' categories (of the first discrete variable) and labels."""
     with CodesFile(codes) as file:
         rows = np.flatnonzero(file.split == TEST)
-        table = confusion_table(file.read_at("discrete", rows)[:, 0].astype(np.int64), file.read_at("labels", rows))
+        return file.read_at("discrete", rows)[:, 0].astype(np.int64), file.read_at("labels", rows)
+
+
+def held_out_confusion(codes: Path, categories: int) -> np.ndarray:
+    """The held-out digits' confusion: rows are the discrete variable's categories, columns the digit classes."""
+    table = confusion_table(*held_out_codes(codes))
     return np.pad(table, ((0, categories - table.shape[0]), (0, 0)))
-
-
-def held_out_categories(codes: Path) -> np.ndarray:
-    with CodesFile(codes) as file:
-        return file.read_at("discrete", np.flatnonzero(file.split == TEST))[:, 0]
 
 
 def agreement(folders: list[Path]) -> list[float]:
     """Each seed's mean NMI with the other seeds' categories on the held-out digits (no labels used)."""
     from sklearn.metrics import normalized_mutual_info_score
 
-    categories = [held_out_categories(folder / "codes.h5") for folder in folders]
+    categories = [held_out_codes(folder / "codes.h5")[0] for folder in folders]
     return [float(np.mean([normalized_mutual_info_score(mine, other) for j, other in enumerate(categories) if j != i]))
             for i, mine in enumerate(categories)]
 
