@@ -30,7 +30,7 @@ class PrepareSummary:
     skipped: list[str]
     """The unreadable files left out, relative to data.root."""
     warnings: list[str]
-    """What makes the dataset questionable without making it wrong (classes of very different sizes)."""
+    """What makes the dataset questionable without making it wrong (`check_classes`)."""
     file_bytes: int
     seconds: float
 
