@@ -70,7 +70,8 @@ class FolderSource:
                 if missing:
                     raise UserError(f"{folder} has no folder for class {', '.join(map(repr, missing))}; give every "
                                     f"class images under both {' and '.join(f.name + '/' for f in split_folders)}")
-        entries = [(path, class_names.index(d.name), SPLIT_FOLDERS.get(folder.name, TRAIN))
+        label_of = {name: label for label, name in enumerate(class_names)}
+        entries = [(path, label_of[d.name], SPLIT_FOLDERS.get(folder.name, TRAIN))
                    for folder, dirs in zip(split_folders, class_dirs) for d in dirs for path in _image_files(d)]
         if not class_names:
             entries = [(path, -1, TRAIN) for path in _image_files(root)]
