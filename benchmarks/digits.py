@@ -29,19 +29,18 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
-
 from disentangle_cpu import mean_sd, read_series  # a peer script of benchmarks/
 
 from dvae_cli.core.errors import UserError
-from dvae_cli.core.metrics import clustering_scores
+from dvae_cli.core.splits import TEST, TRAIN
 from dvae_cli.formats.codes import CodesFile
-from dvae_cli.formats.dataset import TEST, TRAIN, DatasetFile
+from dvae_cli.formats.dataset import DatasetFile
 from dvae_cli.params import Params, load_params, parse_set_options
-from dvae_cli.stages.encode import EncodePaths, encode_dataset
-from dvae_cli.stages.evaluate import EvaluatePaths, evaluate
-from dvae_cli.stages.prepare import prepare_data
-from dvae_cli.stages.render import render
-from dvae_cli.stages.train import TrainPaths, train
+from dvae_cli.scoring.metrics import clustering_scores
+from dvae_cli.stages import encode, evaluate, prepare, render, train
+from dvae_cli.stages.encode import EncodePaths
+from dvae_cli.stages.evaluate import EvaluatePaths
+from dvae_cli.stages.train import TrainPaths
 
 FAMILY = "jointvae"
 TARGET_ACCURACY = 0.80
@@ -200,14 +199,14 @@ def draw_curves(live_dir: Path, out: Path) -> None:
 def run_seed(params: Params, folder: Path, restart: bool) -> SeedResult:
     folder.mkdir(parents=True, exist_ok=True)
     dataset, model, codes = folder / "dataset.h5", folder / "model", folder / "codes.h5"
-    prepare_data(params, dataset, show_progress=False)
+    prepare.run(params, prepare.PreparePaths(dataset), show_progress=False)
     started = time.perf_counter()
-    result = train(params, FAMILY, TrainPaths(dataset, model, folder / "dvclive"), restart=restart,
-                   show_progress=False)
+    result = train.run(params, FAMILY, TrainPaths(dataset, model, folder / "dvclive"), restart=restart,
+                       show_progress=False)
     train_seconds = time.perf_counter() - started
-    encode_dataset(params, FAMILY, EncodePaths(dataset, model, codes), show_progress=False)
-    evaluate(params, FAMILY, EvaluatePaths(model, dataset, codes, folder / "metrics.json"), show_progress=False)
-    render(params, FAMILY, model, dataset, folder / "renders", show_progress=False)
+    encode.run(params, FAMILY, EncodePaths(dataset, model, codes), show_progress=False)
+    evaluate.run(params, FAMILY, EvaluatePaths(model, dataset, codes, folder / "metrics.json"), show_progress=False)
+    render.run(params, FAMILY, render.RenderPaths(model, dataset, folder / "renders"), show_progress=False)
     draw_confusion(held_out_confusion(codes, params.model_config(FAMILY).discrete[0]), folder / "confusion.png")
     draw_curves(folder / "dvclive", folder / "curves.png")
     metrics = json.loads((folder / "metrics.json").read_text())

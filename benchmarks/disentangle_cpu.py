@@ -26,11 +26,10 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from dvae_cli.params import Params, load_params, parse_set_options
-from dvae_cli.stages.encode import EncodePaths, encode_dataset
-from dvae_cli.stages.evaluate import EvaluatePaths, evaluate
-from dvae_cli.stages.prepare import prepare_data
-from dvae_cli.stages.render import render
-from dvae_cli.stages.train import TrainPaths, train
+from dvae_cli.stages import encode, evaluate, prepare, render, train
+from dvae_cli.stages.encode import EncodePaths
+from dvae_cli.stages.evaluate import EvaluatePaths
+from dvae_cli.stages.train import TrainPaths
 
 FAMILY = "jointvae"
 TRAINING_MINUTES = 60
@@ -66,15 +65,15 @@ def run_seed(params: Params, folder: Path, restart: bool) -> None:
     folder.mkdir(parents=True, exist_ok=True)
     dataset, model = folder / "dataset.h5", folder / "model"
     started = time.perf_counter()
-    prepare_data(params, dataset, show_progress=False)
+    prepare.run(params, prepare.PreparePaths(dataset), show_progress=False)
     train_started = time.perf_counter()
-    train(params, FAMILY, TrainPaths(dataset, model, folder / "dvclive"), restart=restart, show_progress=False)
+    train.run(params, FAMILY, TrainPaths(dataset, model, folder / "dvclive"), restart=restart, show_progress=False)
     train_seconds = time.perf_counter() - train_started
-    encode_dataset(params, FAMILY, EncodePaths(dataset, model, folder / "codes.h5"), show_progress=False)
-    evaluate(params, FAMILY, EvaluatePaths(model, dataset, folder / "codes.h5", folder / "metrics.json"),
-             show_progress=False)
+    encode.run(params, FAMILY, EncodePaths(dataset, model, folder / "codes.h5"), show_progress=False)
+    evaluate.run(params, FAMILY, EvaluatePaths(model, dataset, folder / "codes.h5", folder / "metrics.json"),
+                 show_progress=False)
     total_seconds = time.perf_counter() - started
-    render(params, FAMILY, model, dataset, folder / "renders", show_progress=False)
+    render.run(params, FAMILY, render.RenderPaths(model, dataset, folder / "renders"), show_progress=False)
     draw_curves(folder / "dvclive", folder / "curves.png")
     (folder / "timing.json").write_text(json.dumps({"train_seconds": train_seconds, "total_seconds": total_seconds}))
 

@@ -27,12 +27,12 @@ from pathlib import Path
 import torch
 
 from dvae_cli.core.runtime import Runtime, resolve_runtime
-from dvae_cli.families import DataShape, get_family
 from dvae_cli.formats.dataset import DatasetFile
 from dvae_cli.formats.model_folder import load_model, save_model
+from dvae_cli.models import DataShape, get_family
 from dvae_cli.params import load_params, parse_set_options
-from dvae_cli.stages.encode import EncodePaths, encode_dataset
-from dvae_cli.stages.prepare import prepare_data
+from dvae_cli.stages import encode, prepare
+from dvae_cli.stages.encode import EncodePaths
 
 ROUNDS = 3
 
@@ -93,9 +93,9 @@ def main() -> None:
         for rows in args.rows:
             datasets[rows] = folder / f"dsprites-{rows}.h5"
             if not datasets[rows].exists():
-                prepare_data(load_params(args.params, {**overrides, "data.subset": rows},
-                                         missing_ok=args.params == Path("params.yaml")),
-                             datasets[rows], show_progress=False)
+                prepare.run(load_params(args.params, {**overrides, "data.subset": rows},
+                                        missing_ok=args.params == Path("params.yaml")),
+                            prepare.PreparePaths(datasets[rows]), show_progress=False)
 
         first = args.rows[0]
         loaded = load_model(model_dir, args.family, runtime.device)
@@ -106,7 +106,7 @@ def main() -> None:
         forward_rates, encode_rates = [], []
         for _ in range(ROUNDS):
             forward_rates.append(forward_images_per_second(model, images, batch_size, runtime))
-            encoded = encode_dataset(params, args.family, EncodePaths(datasets[first], model_dir,
+            encoded = encode.run(params, args.family, EncodePaths(datasets[first], model_dir,
                                                                       folder / "codes.h5"), show_progress=False)
             encode_rates.append(encoded.images_per_second)
         del images

@@ -18,8 +18,8 @@ import time
 from pathlib import Path
 
 from dvae_cli.params import load_params
-from dvae_cli.stages.prepare import prepare_data
-from dvae_cli.stages.train import TrainPaths, train
+from dvae_cli.stages import prepare, train
+from dvae_cli.stages.train import TrainPaths
 
 TARGET_OVERHEAD = 0.05
 
@@ -28,7 +28,7 @@ def timed_training(params_path: Path, overrides: dict, family: str, dataset: Pat
     params = load_params(params_path, overrides, missing_ok=True)
     paths = TrainPaths(dataset, folder / "models" / family, folder / "dvclive" / family)
     started = time.perf_counter()
-    train(params, family, paths, restart=True, show_progress=False)
+    train.run(params, family, paths, restart=True, show_progress=False)
     return time.perf_counter() - started
 
 
@@ -47,7 +47,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         dataset = root / "dataset.h5"
-        prepare_data(load_params(params_path, missing_ok=True), dataset, show_progress=False)
+        prepare.run(load_params(params_path, missing_ok=True), prepare.PreparePaths(dataset), show_progress=False)
         seconds: dict[str, list[float]] = {"off": [], "on": []}
         for round_ in range(args.rounds):
             for name in (("off", "on") if round_ % 2 == 0 else ("on", "off")):

@@ -17,12 +17,12 @@ import tempfile
 import time
 from pathlib import Path
 
-from dvae_cli.families import FAMILIES
+from dvae_cli.models import FAMILIES
 from dvae_cli.params import load_params
-from dvae_cli.stages.encode import EncodePaths, encode_dataset
-from dvae_cli.stages.evaluate import EvaluatePaths, evaluate
-from dvae_cli.stages.prepare import prepare_data
-from dvae_cli.stages.train import TrainPaths, train
+from dvae_cli.stages import encode, evaluate, prepare, train
+from dvae_cli.stages.encode import EncodePaths
+from dvae_cli.stages.evaluate import EvaluatePaths
+from dvae_cli.stages.train import TrainPaths
 
 TEST_IMAGES = 10000
 TARGET_SECONDS = 60.0
@@ -41,14 +41,14 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as folder:
         root = Path(folder)
         dataset = root / "dataset.h5"
-        prepare_data(params, dataset, show_progress=False)
+        prepare.run(params, prepare.PreparePaths(dataset), show_progress=False)
         for family in args.families:
             model_dir, codes = root / "models" / family, root / "codes" / f"{family}.h5"
-            train(params, family, TrainPaths(dataset, model_dir, root / "dvclive" / family), show_progress=False)
-            encoded = encode_dataset(params, family, EncodePaths(dataset, model_dir, codes), show_progress=False)
+            train.run(params, family, TrainPaths(dataset, model_dir, root / "dvclive" / family), show_progress=False)
+            encoded = encode.run(params, family, EncodePaths(dataset, model_dir, codes), show_progress=False)
             started = time.perf_counter()
-            result = evaluate(params, family, EvaluatePaths(model_dir, dataset, codes, root / f"{family}.json"),
-                              show_progress=False)
+            result = evaluate.run(params, family, EvaluatePaths(model_dir, dataset, codes, root / f"{family}.json"),
+                                  show_progress=False)
             seconds = time.perf_counter() - started
             config = params.model_config(family)
             print(f"{family}: {result.num_images:,} {result.split_name} images, {config}")

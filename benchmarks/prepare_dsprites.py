@@ -15,7 +15,7 @@ from pathlib import Path
 
 from dvae_cli.params import load_params
 from dvae_cli.sources.dsprites import NUM_IMAGES, DSpritesRenderer
-from dvae_cli.stages.prepare import prepare_data
+from dvae_cli.stages import prepare
 
 
 def main() -> None:
@@ -26,7 +26,7 @@ def main() -> None:
         out = args.out or Path(folder) / "dataset.h5"
         params = load_params(Path("params.yaml"), {"data.dataset": "dsprites", "data.subset": None,
                                                    "data.image_size": 64, "data.channels": 1}, missing_ok=True)
-        summary = prepare_data(params, out, show_progress=False)
+        summary = prepare.run(params, prepare.PreparePaths(out), show_progress=False)
         peak_gb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6
 
         renderer = DSpritesRenderer()

@@ -7,7 +7,7 @@ Setup (once): the quick default's dSprites subset at 64×64 (4,000 images), the 
 its codes: 16×16 code maps of K = 64 codes, so 256 tokens a map, conditioned on the shape. The prior is the shipped
 `prior:` section.
 Training, alternating for R rounds, each in a fresh interpreter (nothing process-wide that dvae sets reaches the
-baseline): dvae is `dvae prior` itself (`stages.prior.train_prior` through the shared trainer), timed over its second
+baseline): dvae is `dvae prior` itself (`stages.prior.run` through the shared trainer), timed over its second
 half of steps from its logged rows/s; the baseline feeds the same model and rows through
 `torch.utils.data.DataLoader(TensorDataset(rows), shuffle=True)` with torch's default Adam, eager fp32, timed over
 its second half. Printed: median tokens/s of each and the median of the per-round ratios.
@@ -31,13 +31,13 @@ import torch
 from torch.utils.data import DataLoader, TensorDataset
 from torch.utils.flop_counter import FlopCounterMode
 
-from dvae_cli.families.prior import CodePrior, start_tokens
-from dvae_cli.formats.dataset import TRAIN
+from dvae_cli.core.splits import TRAIN
+from dvae_cli.models.prior import CodePrior, start_tokens
 from dvae_cli.params import build_params
-from dvae_cli.stages.encode import EncodePaths, encode_dataset
-from dvae_cli.stages.prepare import prepare_data
-from dvae_cli.stages.prior import PriorPaths, read_code_maps, train_prior
-from dvae_cli.stages.train import TrainPaths, train
+from dvae_cli.stages import encode, prepare, prior, train
+from dvae_cli.stages.encode import EncodePaths
+from dvae_cli.stages.prior import PriorPaths, read_code_maps
+from dvae_cli.stages.train import TrainPaths
 
 RAW = {"data": {"dataset": "dsprites", "image_size": 64, "subset": 4000}, "train": {"eval_every": None}}
 
@@ -45,9 +45,9 @@ RAW = {"data": {"dataset": "dsprites", "image_size": 64, "subset": 4000}, "train
 def make_codes(root: Path) -> None:
     params = build_params({**RAW, "train": {"max_steps": 40, "eval_every": None}})
     dataset = root / "dataset.h5"
-    prepare_data(params, dataset, show_progress=False)
-    train(params, "vqvae", TrainPaths(dataset, root / "vqvae", root / "live-vqvae"), show_progress=False)
-    encode_dataset(params, "vqvae", EncodePaths(dataset, root / "vqvae", root / "codes.h5"), show_progress=False)
+    prepare.run(params, prepare.PreparePaths(dataset), show_progress=False)
+    train.run(params, "vqvae", TrainPaths(dataset, root / "vqvae", root / "live-vqvae"), show_progress=False)
+    encode.run(params, "vqvae", EncodePaths(dataset, root / "vqvae", root / "codes.h5"), show_progress=False)
 
 
 def time_dvae(root: str, steps: int, round_: int) -> float:
@@ -58,7 +58,7 @@ def time_dvae(root: str, steps: int, round_: int) -> float:
     folder = Path(root) / f"dvae-{round_}"
     paths = PriorPaths(codes=Path(root) / "codes.h5", model_dir=Path(root) / "vqvae", out=folder / "prior",
                        live_dir=folder / "live", metrics=folder / "metrics.json")
-    train_prior(params, "vqvae", paths, show_progress=False)
+    prior.run(params, "vqvae", paths, show_progress=False)
     rows = json.loads((folder / "live" / "plots" / "train.json").read_text())
     maps = json.loads((folder / "prior" / "config.json").read_text())["maps"]
     return rows[-1]["train/images_per_second"] * maps["height"] * maps["width"]
@@ -67,11 +67,11 @@ def time_dvae(root: str, steps: int, round_: int) -> float:
 def time_baseline(root: str, steps: int) -> float:
     """Tokens/s of a plain loop: DataLoader over the same rows, the same model, Adam, eager fp32."""
     params = build_params(RAW)
-    data = read_code_maps(Path(root) / "codes.h5", Path(root) / "vqvae", "vqvae", params.prior.conditional)
+    data = read_code_maps(Path(root) / "codes.h5", Path(root) / "vqvae", "vqvae", params.model_config("prior").conditional)
     torch.manual_seed(0)
-    model = CodePrior(params.prior, data.maps)
-    optimizer = torch.optim.Adam(model.parameters(), lr=params.prior.lr)
-    loader = DataLoader(TensorDataset(data.rows[TRAIN]), batch_size=params.prior.batch_size, shuffle=True,
+    model = CodePrior(params.model_config("prior"), data.maps)
+    optimizer = torch.optim.Adam(model.parameters(), lr=params.model_config("prior").lr)
+    loader = DataLoader(TensorDataset(data.rows[TRAIN]), batch_size=params.model_config("prior").batch_size, shuffle=True,
                         drop_last=True)
     batches = iter(loader)
     started = 0.0
@@ -88,14 +88,14 @@ def time_baseline(root: str, steps: int) -> float:
         loss.backward()
         optimizer.step()
     seconds = time.perf_counter() - started
-    return (steps - steps // 2) * params.prior.batch_size * data.maps.length / seconds
+    return (steps - steps // 2) * params.model_config("prior").batch_size * data.maps.length / seconds
 
 
 def time_sampling(root: str, samples: int, rounds: int) -> tuple[float, float]:
     params = build_params(RAW)
-    data = read_code_maps(Path(root) / "codes.h5", Path(root) / "vqvae", "vqvae", params.prior.conditional)
+    data = read_code_maps(Path(root) / "codes.h5", Path(root) / "vqvae", "vqvae", params.model_config("prior").conditional)
     torch.manual_seed(0)
-    model = CodePrior(params.prior, data.maps).eval()
+    model = CodePrior(params.model_config("prior"), data.maps).eval()
     labels = torch.arange(samples) * data.maps.num_classes // samples
     starts = start_tokens(data.maps, labels, samples)
     uniforms = torch.rand(samples, data.maps.length, generator=torch.Generator().manual_seed(0))
@@ -115,9 +115,9 @@ def ceiling(root: str) -> tuple[float, float]:
     """Forward+backward FLOPs per token of the prior (torch's FlopCounterMode) and the fp32 matmul peak (FLOP/s) of
     a 1024² product here: tokens/s can go no higher than their ratio."""
     params = build_params(RAW)
-    data = read_code_maps(Path(root) / "codes.h5", Path(root) / "vqvae", "vqvae", params.prior.conditional)
-    model = CodePrior(params.prior, data.maps)
-    rows = data.rows[TRAIN][:params.prior.batch_size]
+    data = read_code_maps(Path(root) / "codes.h5", Path(root) / "vqvae", "vqvae", params.model_config("prior").conditional)
+    model = CodePrior(params.model_config("prior"), data.maps)
+    rows = data.rows[TRAIN][:params.model_config("prior").batch_size]
     with FlopCounterMode(display=False) as counter:
         model.loss(rows, 0).loss.backward()
     per_token = counter.get_total_flops() / rows[:, 1:].numel()

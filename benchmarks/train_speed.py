@@ -2,7 +2,7 @@
 
 Usage: python benchmarks/train_speed.py --model jointvae|vqvae [--steps N] [--rounds R] [--device auto|cpu|cuda]
 
-dvae: `dvae_cli.stages.train.train` itself (uint8 data in memory, batched by index, channels_last, autocast where
+dvae: `dvae_cli.stages.train.run` itself (uint8 data in memory, batched by index, channels_last, autocast where
 the runtime picks it, glibc keeping freed memory on CPU), timed over its second half of steps (the first half
 warms up).
 baseline, measured in the same run: the same model fed by a per-item `Dataset` with
@@ -33,11 +33,12 @@ from torch.utils.flop_counter import FlopCounterMode
 from torchvision import transforms
 
 from dvae_cli.core.runtime import resolve_runtime
-from dvae_cli.families import DataShape, get_family
 from dvae_cli.formats.dataset import DatasetChunk, DatasetInfo, DatasetWriter
+from dvae_cli.models import DataShape, get_family
 from dvae_cli.params import build_params, load_params
 from dvae_cli.sources.dsprites import DSpritesRenderer
-from dvae_cli.stages.train import TrainPaths, train
+from dvae_cli.stages import train
+from dvae_cli.stages.train import TrainPaths
 
 
 @dataclass(frozen=True)
@@ -78,7 +79,7 @@ def dvae_images_per_second(setup: Setup, dataset: Path, steps: int, device: str,
                            "train": {"max_steps": steps, "log_every": steps // 2, "checkpoint_every": 10**9},
                            "runtime": {"device": device}})
     paths = TrainPaths(dataset, folder / "models" / setup.family, folder / "dvclive" / setup.family)
-    train(params, setup.family, paths, restart=True, show_progress=False)
+    train.run(params, setup.family, paths, restart=True, show_progress=False)
     history = (paths.live_dir / "plots" / "metrics" / "train" / "images_per_second.tsv").read_text().splitlines()
     return float(history[-1].split("\t")[-1])
 

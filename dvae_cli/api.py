@@ -23,13 +23,14 @@ from torch import Tensor
 
 from dvae_cli.core.errors import UserError
 from dvae_cli.core.images import to_uint8
-from dvae_cli.core.runtime import Runtime, resolve_runtime
+from dvae_cli.core.runtime import Runtime, RuntimeConfig, resolve_runtime
 from dvae_cli.core.schema import build
-from dvae_cli.families import DiscreteVAE
-from dvae_cli.families.base import as_tensor, float32_if_floating, out_of_range_codes
+from dvae_cli.core.tensors import as_tensor, float32_if_floating
 from dvae_cli.formats.codes import ArraySpec, latent_specs
 from dvae_cli.formats.model_folder import LoadedModel, load_model
-from dvae_cli.params import EncodeConfig, RuntimeConfig
+from dvae_cli.models import DiscreteVAE
+from dvae_cli.models.base import out_of_range_codes
+from dvae_cli.params import EncodeConfig
 
 ImageBatch = Any
 """uint8 or floating [N, C, H, W] or [N, H, W, C] (or [N, H, W] for one-channel models): a numpy array, a torch

@@ -1,68 +1,35 @@
 """params.yaml as typed, validated config objects: the one set of defaults and the loader.
 
-Sections: seed, models, data, runtime (read by every stage), train (the shared training loop), one section per
-registered model family (its config class lives beside its model), encode, evaluate, render, prior. Precedence:
-command-line flag > preset > params file > the defaults declared here and in the family configs. Unknown keys,
+Sections: seed, models, data, runtime (read by every stage), train (the shared training loop), encode, evaluate,
+render, and one section per registered model (`models.SECTIONS`: the families and the prior). A section whose
+reader sits below params in the floor plan is declared beside it (the models' in `models/`, `data` in `sources`,
+`runtime` in `core.runtime`, `evaluate` in `scoring.evaluation`); train, encode and render, read by the trainer and
+the stages above params, are declared here. Precedence:
+command-line flag > preset > params file > the defaults declared in the config classes. Unknown keys,
 wrong types, out-of-range values and keys of an older layout are `UserError`s that name the key.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import yaml
 
 from dvae_cli.core.errors import UserError
+from dvae_cli.core.runtime import RuntimeConfig
 from dvae_cli.core.schema import DERIVED, KeyName, build, convert, param
-from dvae_cli.families import FAMILIES
-from dvae_cli.families.prior import PriorConfig
+from dvae_cli.models import FAMILIES, SECTIONS
+from dvae_cli.scoring.evaluation import EvaluateConfig
+from dvae_cli.sources import DataConfig
 
 PRESETS_FOLDER = Path("presets")
 MOVED_KEYS = {"train.device": "runtime.device", "train.precision": "runtime.precision",
               "train.compile": "runtime.compile"}
 """Keys of an older params layout → where they live now."""
-
-
-@dataclass(frozen=True)
-class DataConfig:
-    dataset: Literal["dsprites", "mnist", "fashion-mnist", "cifar10", "celeba", "folder"] = param(
-        "dsprites", help="data source")
-    root: str = param("data/raw", help="where torchvision and folder sources read")
-    download: bool = param(False, help="let torchvision sources download")
-    image_size: int = param(64, help="square image side in pixels", ge=4, le=1024)
-    channels: Literal[1, 3] = param(1, help="1 (grayscale) or 3 (RGB)")
-    subset: int | float | None = param(20000, help="null, an int count, or a fraction in (0, 1]", gt=0)
-    split: list[float] = param(factory=lambda: [0.8, 0.1, 0.1],
-                               help="train/val/test fractions for sources without an official split")
-
-    def validate(self, key: KeyName) -> None:
-        if len(self.split) != 3 or any(f < 0 for f in self.split) or not math.isclose(sum(self.split), 1.0, abs_tol=1e-6):
-            raise UserError(f"params: `{key('split')}` is {self.split}; it must be three non-negative fractions "
-                            "train/val/test that sum to 1")
-        if self.split[0] == 0:
-            raise UserError(f"params: `{key('split')}` gives the train split no images; make its first fraction > 0")
-        if isinstance(self.subset, float) and self.subset > 1:
-            raise UserError(f"params: `{key('subset')}` is {self.subset}; a fraction must be in (0, 1], "
-                            "or give an integer count")
-
-
-@dataclass(frozen=True)
-class RuntimeConfig:
-    """Where and how every stage runs its tensors."""
-
-    device: str = param("auto", help="auto | cpu | cuda | cuda:N | mps")
-    precision: Literal["auto", "fp32", "bf16", "fp16"] = param("auto", help="auto: bf16 autocast on CUDA, fp32 on CPU")
-    compile: bool = param(False, help="torch.compile the model")
-
-    def validate(self, key: KeyName) -> None:
-        device = self.device
-        if not (device in ("auto", "cpu", "cuda", "mps") or (device.startswith("cuda:") and device[5:].isdigit())):
-            raise UserError(f"params: `{key('device')}` is {device!r}; allowed: auto | cpu | cuda | cuda:N | mps")
 
 
 @dataclass(frozen=True)
@@ -82,13 +49,6 @@ class EncodeConfig:
 
 
 @dataclass(frozen=True)
-class EvaluateConfig:
-    num_samples: int = param(10000, help="points sampled for MIG and the FactorVAE score", ge=1, le=1 << 24)
-    dci: bool = param(False, help="also compute DCI (gradient-boosted trees; slow)")
-    batch_size: int = param(512, help="images per evaluation batch", ge=1, le=1 << 16)
-
-
-@dataclass(frozen=True)
 class RenderConfig:
     steps: int = param(8, help="columns of a traversal", ge=2, le=256)
     base_index: int = param(0, help="test image the traversals start from", ge=0)
@@ -96,7 +56,7 @@ class RenderConfig:
 
 
 def _default_model_configs() -> Mapping[str, Any]:
-    return {name: family.config() for name, family in FAMILIES.items()}
+    return {name: config() for name, config in SECTIONS.items()}
 
 
 @dataclass(frozen=True)
@@ -109,12 +69,11 @@ class Params:
     encode: EncodeConfig = param(factory=EncodeConfig, help="dvae encode")
     evaluate: EvaluateConfig = param(factory=EvaluateConfig, help="dvae evaluate")
     render: RenderConfig = param(factory=RenderConfig, help="dvae render")
-    prior: PriorConfig = param(factory=PriorConfig, help="dvae prior and dvae sample: the prior over code maps")
     model_configs: Mapping[str, Any] = field(default_factory=_default_model_configs, metadata={DERIVED: True})
-    """Family name → its section (the family's config class), for every registered family."""
+    """Model name → its section (the model's config class), for every registered model."""
 
-    def model_config(self, family: str) -> Any:
-        return self.model_configs[family]
+    def model_config(self, name: str) -> Any:
+        return self.model_configs[name]
 
     def validate(self, key: KeyName) -> None:
         for i, name in enumerate(self.models):
@@ -125,19 +84,19 @@ class Params:
 
 
 def build_params(raw: Mapping[str, Any]) -> Params:
-    """Params from a whole mapping: family sections by the registry's config classes, the rest by `Params`."""
+    """Params from a whole mapping: model sections by the registry's config classes, the rest by `Params`."""
     for old, new in MOVED_KEYS.items():
         section, name = old.split(".")
         if isinstance(raw.get(section), dict) and name in raw[section]:
             raise UserError(f"params: `{old}` has moved to `{new}`; move it into the `runtime` section")
-    rest = {key: value for key, value in raw.items() if key not in FAMILIES}
-    model_configs = {name: convert(raw.get(name, {}), family.config, name) for name, family in FAMILIES.items()}
-    params = build(Params, rest, also_allowed=list(FAMILIES))
+    rest = {key: value for key, value in raw.items() if key not in SECTIONS}
+    model_configs = {name: convert(raw.get(name, {}), config, name) for name, config in SECTIONS.items()}
+    params = build(Params, rest, also_allowed=list(SECTIONS))
     return dataclasses.replace(params, model_configs=model_configs)
 
 
 def to_dict(params: Params) -> dict[str, Any]:
-    """The mapping `build_params` reads back into equal params (family sections at the top level)."""
+    """The mapping `build_params` reads back into equal params (model sections at the top level)."""
     raw = {f.name: dataclasses.asdict(getattr(params, f.name)) if dataclasses.is_dataclass(getattr(params, f.name))
            else getattr(params, f.name) for f in dataclasses.fields(params) if not f.metadata.get(DERIVED)}
     raw.update({name: dataclasses.asdict(config) for name, config in params.model_configs.items()})

@@ -3,7 +3,8 @@
 Rows held in memory and batched by index, Adam, checkpoints that resume bit for bit (`formats.checkpoint.TrainState`),
 DVCLive curves, and DistributedDataParallel under torchrun. Data order and sampling noise are functions of
 (seed, step) drawn for the global batch, so a resumed run and a data-parallel run see exactly what an
-uninterrupted single-process run sees. A stage describes what it trains as a `Job`; `fit` does the rest.
+uninterrupted single-process run sees. A stage opens a `training_run` (the runtime, the cluster, the model folder's
+lock), reads its data, describes what it trains as a `Job` and hands it to `fit`, the loop.
 """
 
 from __future__ import annotations
@@ -13,25 +14,35 @@ import json
 import math
 import time
 from collections import defaultdict
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import torch
 from torch import Tensor
 from torch.nn.parallel import DistributedDataParallel
 
-from dvae_cli.core.distributed import Cluster, all_reduce_sum, join_cluster, leave_cluster
+from dvae_cli.core.distributed import (
+    Cluster,
+    all_reduce_sum,
+    join_cluster,
+    leave_cluster,
+)
 from dvae_cli.core.errors import TrainingDiverged, UserError
-from dvae_cli.core.files import check_output, exclusive_lock, outermost_missing, remove_tree, write_bytes_atomic
+from dvae_cli.core.files import (
+    check_output,
+    exclusive_lock,
+    outermost_missing,
+    remove_tree,
+    write_bytes_atomic,
+)
 from dvae_cli.core.progress import progress_bar
 from dvae_cli.core.runtime import Runtime, keep_freed_host_memory, resolve_runtime
-from dvae_cli.families.base import LossOutput, Trainable
-from dvae_cli.formats.checkpoint import TrainState, resume, save_checkpoint
-from dvae_cli.formats.model_folder import CHECKPOINT
+from dvae_cli.formats.checkpoint import CHECKPOINT, TrainState, resume, save_checkpoint
+from dvae_cli.models.base import LossOutput, Trainable
 from dvae_cli.params import Params
 
 CURVES = ("train", "epoch", "eval")
@@ -79,8 +90,7 @@ def one_writer(folders: RunFolders, enabled: bool) -> Iterator[None]:
         raise
 
 
-@dataclass
-class Job:
+class Job(Protocol):
     """What a stage trains: its rows, its model and how its result is saved."""
 
     name: str
@@ -95,17 +105,21 @@ class Job:
     """The train rows (uint8 images, token rows, ...), where the runtime keeps data."""
     val: Tensor
     """The validation rows whose loss is logged at every epoch's end."""
-    as_input: Callable[[Tensor], Tensor]
-    """A batch of rows as the model's input (on the device)."""
-    build: Callable[[], Trainable]
-    """The untrained model; called right after seeding torch."""
-    save: Callable[[Trainable, int, dict[str, float]], None]
-    """save(model, steps, final figures without timings): writes the model folder."""
-    score: Callable[[Trainable], dict[str, float]] | None = None
-    """The periodic evaluation (every train.eval_every steps), on the main process; it must draw nothing from
-    torch's generator, so that it changes no training byte."""
-    pixel_variance: float | None = None
-    """For the normalized MSE of models that reconstruct images."""
+    pixel_variance: float | None
+    """For the normalized MSE of models that reconstruct images (None: the rows are no images)."""
+
+    def as_input(self, rows: Tensor) -> Tensor:
+        """A batch of rows as the model's input (on the device)."""
+
+    def build(self) -> Trainable:
+        """The untrained model; called right after seeding torch."""
+
+    def score(self, model: Trainable) -> dict[str, float] | None:
+        """The periodic evaluation (every train.eval_every steps, on the main process; None: the job has none). It
+        must draw nothing from torch's generator, so that it changes no training byte."""
+
+    def save(self, model: Trainable, steps: int, metrics: dict[str, float]) -> None:
+        """Write the result (`metrics`: the final figures without timings)."""
 
 
 @dataclass
@@ -247,94 +261,102 @@ def final_metrics(history: list[list[Any]]) -> dict[str, float]:
     return {name: value for name, value in last.items() if math.isfinite(value)}
 
 
-def fit(params: Params, folders: RunFolders, setup: Callable[[Runtime, Cluster], Job], restart: bool = False,
-        restart_on_mismatch: bool = False, show_progress: bool = True) -> TrainResult:
-    """Train what `setup(runtime, cluster)` describes, from its checkpoint when one fits, and save it."""
-    started = time.perf_counter()
+@contextmanager
+def training_run(params: Params, folders: RunFolders) -> Iterator[tuple[Runtime, Cluster]]:
+    """Check the output folders, pick the runtime, join the cluster (under torchrun) and hold the model folder while
+    the stage reads its data and `fit` trains."""
     folders.check()
     runtime = resolve_runtime(params.runtime)
     if runtime.device.type == "cpu":
         keep_freed_host_memory()
     cluster = join_cluster(runtime.device)
     with one_writer(folders, enabled=cluster.is_main):
-        job = setup(runtime, cluster)
-        config = job.config
-        if config.batch_size % cluster.world_size:
-            raise UserError(f"{job.section}.batch_size {config.batch_size} is not divisible by the world size "
-                            f"{cluster.world_size}; choose a batch size that is a multiple of it")
-        batch_size, rank_batch = config.batch_size, config.batch_size // cluster.world_size
-        if len(job.train) < batch_size:
-            raise UserError(f"the train split of {folders.inputs[0]} has {len(job.train)} rows, fewer than "
-                            f"{job.section}.batch_size {batch_size}; lower the batch size or prepare more data")
-        eval_every = params.train.eval_every if cluster.is_main and job.score is not None else None
+        yield runtime, cluster
 
-        torch.manual_seed(params.seed)
-        model = runtime.prepare(job.build())
-        optimizer = torch.optim.Adam(model.parameters(), lr=config.lr)
-        scaler = torch.amp.GradScaler(runtime.device.type, enabled=runtime.needs_grad_scaler)
-        state = TrainState(job.name, job.fingerprint, model, optimizer, scaler, runtime.device)
-        steps_per_epoch = len(job.train) // batch_size
-        total_steps = min(config.epochs * steps_per_epoch, params.train.max_steps or config.epochs * steps_per_epoch)
-        if folders.checkpoint.exists() and not restart:
-            resume(state, folders.checkpoint, total_steps, restart_on_mismatch)
-        resumed_from = state.step
-        model.train()
-        model.set_rank_rows(cluster.rank * rank_batch, batch_size)
-        network = DistributedDataParallel(model, broadcast_buffers=False) if cluster.distributed else model
-        if params.runtime.compile:
-            network = torch.compile(network)
-        logger = Logger(folders.live_dir, state.history, enabled=cluster.is_main)
-        meter = Meter(runtime.device, state.step)
 
-        try:
-            with progress_bar(f"train {job.name}", total_steps, extra="{task.fields[info]}", unit="step",
-                              completed=state.step, enabled=show_progress and cluster.is_main) as advance:
-                while state.step < total_steps:
-                    epoch, position = divmod(state.step, steps_per_epoch)
-                    permutation = epoch_permutation(params.seed, epoch, len(job.train))
-                    rows = permutation[position * batch_size:(position + 1) * batch_size]
-                    rank_rows = rows[cluster.rank * rank_batch:(cluster.rank + 1) * rank_batch]
-                    x = job.as_input(job.train[rank_rows.to(job.train.device)])
-                    with runtime.autocast():
-                        output = network(x, state.step)
-                    loss = output.loss.float()
-                    if all_reduce_sum((~torch.isfinite(loss.detach())).float()).item() > 0:
-                        if cluster.is_main:
-                            save_checkpoint(folders.checkpoint, state)
-                        raise TrainingDiverged(
-                            f"training diverged: the {job.name} loss became {loss.item()} at step {state.step}; the "
-                            f"last good state is in {folders.checkpoint}; lower {job.section}.lr or set "
-                            "runtime.precision: fp32, then rerun to resume (or --restart)")
-                    optimizer.zero_grad(set_to_none=True)
-                    scaler.scale(loss).backward()
-                    scaler.step(optimizer)
-                    scaler.update()
-                    state.step += 1
-                    meter.add(output, loss)
-                    add_batch_counts(state.epoch_counts, output, x)
+def fit(params: Params, folders: RunFolders, job: Job, runtime: Runtime, cluster: Cluster, restart: bool = False,
+        restart_on_mismatch: bool = False, show_progress: bool = True) -> TrainResult:
+    """Train `job` inside its `training_run`, from its checkpoint when one fits, and save it."""
+    started = time.perf_counter()
+    config = job.config
+    if config.batch_size % cluster.world_size:
+        raise UserError(f"{job.section}.batch_size {config.batch_size} is not divisible by the world size "
+                        f"{cluster.world_size}; choose a batch size that is a multiple of it")
+    batch_size, rank_batch = config.batch_size, config.batch_size // cluster.world_size
+    if len(job.train) < batch_size:
+        raise UserError(f"the train split of {folders.inputs[0]} has {len(job.train)} rows, fewer than "
+                        f"{job.section}.batch_size {batch_size}; lower the batch size or prepare more data")
+    eval_every = params.train.eval_every if cluster.is_main else None
 
-                    if state.step % params.train.log_every == 0 or state.step == total_steps:
-                        figures = meter.flush(state.step, batch_size, optimizer.param_groups[0]["lr"])
-                        logger.log(state.step, "train", figures)
-                        advance(0, info=f"epoch {epoch + 1}/{config.epochs} loss {figures['train/loss']:.4g} "
-                                        f"{figures['train/images_per_second']:.0f} img/s")
-                    if state.step % steps_per_epoch == 0 or state.step == total_steps:
-                        logger.log(state.step, "epoch", epoch_figures(model, state.epoch_counts, job, state.step,
-                                                                      steps_per_epoch, rank_batch, runtime))
-                        state.epoch_counts = {}
-                    if eval_every and (state.step % eval_every == 0 or state.step == total_steps):
-                        logger.log(state.step, "eval", job.score(model))
-                    at_checkpoint = state.step % params.train.checkpoint_every == 0 or state.step == total_steps
-                    if cluster.is_main and at_checkpoint:
+    torch.manual_seed(params.seed)
+    model = runtime.prepare(job.build())
+    optimizer = torch.optim.Adam(model.parameters(), lr=config.lr)
+    scaler = torch.amp.GradScaler(runtime.device.type, enabled=runtime.needs_grad_scaler)
+    state = TrainState(job.name, job.fingerprint, model, optimizer, scaler, runtime.device)
+    steps_per_epoch = len(job.train) // batch_size
+    total_steps = min(config.epochs * steps_per_epoch, params.train.max_steps or config.epochs * steps_per_epoch)
+    if folders.checkpoint.exists() and not restart:
+        resume(state, folders.checkpoint, total_steps, restart_on_mismatch)
+    resumed_from = state.step
+    model.train()
+    model.set_rank_rows(cluster.rank * rank_batch, batch_size)
+    network = DistributedDataParallel(model, broadcast_buffers=False) if cluster.distributed else model
+    if params.runtime.compile:
+        network = torch.compile(network)
+    logger = Logger(folders.live_dir, state.history, enabled=cluster.is_main)
+    meter = Meter(runtime.device, state.step)
+
+    try:
+        with progress_bar(f"train {job.name}", total_steps, extra="{task.fields[info]}", unit="step",
+                          completed=state.step, enabled=show_progress and cluster.is_main) as advance:
+            while state.step < total_steps:
+                epoch, position = divmod(state.step, steps_per_epoch)
+                permutation = epoch_permutation(params.seed, epoch, len(job.train))
+                rows = permutation[position * batch_size:(position + 1) * batch_size]
+                rank_rows = rows[cluster.rank * rank_batch:(cluster.rank + 1) * rank_batch]
+                x = job.as_input(job.train[rank_rows.to(job.train.device)])
+                with runtime.autocast():
+                    output = network(x, state.step)
+                loss = output.loss.float()
+                if all_reduce_sum((~torch.isfinite(loss.detach())).float()).item() > 0:
+                    if cluster.is_main:
                         save_checkpoint(folders.checkpoint, state)
-                        logger.write_curves()
-                    advance(1)
-        finally:
-            logger.close()
-            leave_cluster()
+                    raise TrainingDiverged(
+                        f"training diverged: the {job.name} loss became {loss.item()} at step {state.step}; the "
+                        f"last good state is in {folders.checkpoint}; lower {job.section}.lr or set "
+                        "runtime.precision: fp32, then rerun to resume (or --restart)")
+                optimizer.zero_grad(set_to_none=True)
+                scaler.scale(loss).backward()
+                scaler.step(optimizer)
+                scaler.update()
+                state.step += 1
+                meter.add(output, loss)
+                add_batch_counts(state.epoch_counts, output, x)
 
-        metrics = final_metrics(state.history) if cluster.is_main else {}
-        if cluster.is_main:
-            job.save(model, state.step, {name: value for name, value in metrics.items() if name not in TIMINGS})
-        return TrainResult(model=model, steps=state.step, resumed_from=resumed_from, metrics=metrics,
-                           seconds=time.perf_counter() - started)
+                if state.step % params.train.log_every == 0 or state.step == total_steps:
+                    figures = meter.flush(state.step, batch_size, optimizer.param_groups[0]["lr"])
+                    logger.log(state.step, "train", figures)
+                    advance(0, info=f"epoch {epoch + 1}/{config.epochs} loss {figures['train/loss']:.4g} "
+                                    f"{figures['train/images_per_second']:.0f} img/s")
+                if state.step % steps_per_epoch == 0 or state.step == total_steps:
+                    logger.log(state.step, "epoch", epoch_figures(model, state.epoch_counts, job, state.step,
+                                                                  steps_per_epoch, rank_batch, runtime))
+                    state.epoch_counts = {}
+                if eval_every and (state.step % eval_every == 0 or state.step == total_steps):
+                    scores = job.score(model)
+                    if scores is not None:
+                        logger.log(state.step, "eval", scores)
+                at_checkpoint = state.step % params.train.checkpoint_every == 0 or state.step == total_steps
+                if cluster.is_main and at_checkpoint:
+                    save_checkpoint(folders.checkpoint, state)
+                    logger.write_curves()
+                advance(1)
+    finally:
+        logger.close()
+        leave_cluster()
+
+    metrics = final_metrics(state.history) if cluster.is_main else {}
+    if cluster.is_main:
+        job.save(model, state.step, {name: value for name, value in metrics.items() if name not in TIMINGS})
+    return TrainResult(model=model, steps=state.step, resumed_from=resumed_from, metrics=metrics,
+                       seconds=time.perf_counter() - started)

@@ -129,10 +129,10 @@ TINY_PARAMS: dict[str, Any] = {
 def tiny_dataset(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The dataset file of TINY_PARAMS (600 dSprites images at 32×32), shared read-only by the session."""
     from dvae_cli.params import build_params
-    from dvae_cli.stages.prepare import prepare_data
+    from dvae_cli.stages import prepare
 
     dataset = tmp_path_factory.mktemp("tiny_dataset") / "dataset.h5"
-    prepare_data(build_params(TINY_PARAMS), dataset, show_progress=False)
+    prepare.run(build_params(TINY_PARAMS), prepare.PreparePaths(dataset), show_progress=False)
     return dataset
 
 
@@ -152,16 +152,16 @@ class TrainedProject:
 def trained_project(tmp_path_factory: pytest.TempPathFactory) -> TrainedProject:
     """Session-wide and read-only: tests that write must write elsewhere (or copy the folder)."""
     from dvae_cli.params import load_params
-    from dvae_cli.stages.prepare import prepare_data
-    from dvae_cli.stages.train import TrainPaths, train
+    from dvae_cli.stages import prepare, train
+    from dvae_cli.stages.train import TrainPaths
 
     root = tmp_path_factory.mktemp("trained_project")
     params_path = root / "params.yaml"
     params_path.write_text(yaml.safe_dump(TINY_PARAMS, sort_keys=False))
     params = load_params(params_path)
     dataset = root / "data" / "prepared" / "dataset.h5"
-    prepare_data(params, dataset, show_progress=False)
+    prepare.run(params, prepare.PreparePaths(dataset), show_progress=False)
     for family in ("jointvae", "vqvae"):
-        train(params, family, TrainPaths(dataset, root / "models" / family, root / "dvclive" / family),
-              show_progress=False)
+        train.run(params, family, TrainPaths(dataset, root / "models" / family, root / "dvclive" / family),
+                  show_progress=False)
     return TrainedProject(root=root, params_path=params_path, dataset=dataset)

@@ -18,10 +18,15 @@ from dvae_cli import api
 from dvae_cli.cli import app
 from dvae_cli.core.errors import UserError
 from dvae_cli.core.schema import build
-from dvae_cli.families import DataShape, get_family
 from dvae_cli.formats.codes import CodesFile
-from dvae_cli.formats.dataset import DatasetChunk, DatasetFile, DatasetInfo, DatasetWriter
+from dvae_cli.formats.dataset import (
+    DatasetChunk,
+    DatasetFile,
+    DatasetInfo,
+    DatasetWriter,
+)
 from dvae_cli.formats.model_folder import save_model
+from dvae_cli.models import DataShape, get_family
 from tests.conftest import TINY_PARAMS
 
 FAMILIES = ("vqvae", "jointvae")

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from dvae_cli.params import DataConfig
+from dvae_cli.sources import DataConfig
 from dvae_cli.sources.folder import FolderSource
 
 SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "digits.py"

@@ -218,7 +218,7 @@ def test_internal_error_is_short_without_debug(monkeypatch, tmp_path, write_para
     def broken(*_args, **_kwargs):
         raise RuntimeError("boom")
 
-    monkeypatch.setattr("dvae_cli.stages.prepare.prepare_data", broken)
+    monkeypatch.setattr("dvae_cli.stages.prepare.run", broken)
     params = write_params(data={"dataset": "folder", "root": str(image_folder)})
     args = ("prepare-data", "--params", str(params), "--out", str(tmp_path / "dataset.h5"))
 

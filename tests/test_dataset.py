@@ -7,13 +7,16 @@ import numpy as np
 import pytest
 
 from dvae_cli.core.errors import UserError
-from dvae_cli.core.files import atomic_path, sha256_file, temp_path_for, write_json_atomic
+from dvae_cli.core.files import (
+    atomic_path,
+    sha256_file,
+    temp_path_for,
+    write_json_atomic,
+)
+from dvae_cli.core.splits import TEST, TRAIN, VAL
 from dvae_cli.formats.dataset import (
     FORMAT,
     FORMAT_VERSION,
-    TEST,
-    TRAIN,
-    VAL,
     DatasetChunk,
     DatasetFile,
     DatasetInfo,

@@ -16,7 +16,8 @@ import torch
 import torch.multiprocessing as mp
 
 from dvae_cli.params import load_params
-from dvae_cli.stages.train import TrainPaths, train
+from dvae_cli.stages import train
+from dvae_cli.stages.train import TrainPaths
 from tests.test_train import write_params
 
 STEPS = 20
@@ -41,8 +42,8 @@ def _rank_worker(rank: int, world_size: int, port: int, folder: str, dataset: st
     torch.set_num_threads(1)
     root = Path(folder)
     params = load_params(root / "params.yaml")
-    result = train(params, family, TrainPaths(Path(dataset), root / "models" / family, root / "dvclive" / family),
-                   show_progress=False)
+    result = train.run(params, family, TrainPaths(Path(dataset), root / "models" / family, root / "dvclive" / family),
+                       show_progress=False)
     torch.save(result.model.state_dict(), root / f"rank{rank}.pt")
 
 
@@ -53,7 +54,7 @@ def test_two_processes_of_half_batches_equal_one_process(tmp_path: Path, tiny_da
     write_params(ddp_folder, **ddp_changes(family))
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
-    single = train(params, family, TrainPaths(tiny_dataset, single_folder / "models" / family,
+    single = train.run(params, family, TrainPaths(tiny_dataset, single_folder / "models" / family,
                                               single_folder / "dvclive" / family), show_progress=False).model
     torch.set_num_threads(threads)
     mp.spawn(_rank_worker, args=(2, free_port(), str(ddp_folder), str(tiny_dataset), family), nprocs=2, join=True)

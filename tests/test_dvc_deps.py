@@ -75,8 +75,9 @@ def command_function(tree: ast.Module, command: str) -> ast.FunctionDef:
     for node in tree.body:
         if isinstance(node, ast.FunctionDef):
             for decorator in node.decorator_list:
-                if (isinstance(decorator, ast.Call) and getattr(decorator.func, "attr", "") == "command"
-                        and decorator.args and decorator.args[0].value == command):
+                name = getattr(decorator.func, "id", getattr(decorator.func, "attr", "")) \
+                    if isinstance(decorator, ast.Call) else ""
+                if name == "command" and decorator.args and decorator.args[0].value == command:
                     return node
     raise AssertionError(f"cli.py has no command {command!r}")
 
@@ -88,7 +89,7 @@ def files_run_by(command: str) -> set[Path]:
     top_level = [node for node in tree.body if not isinstance(node, (ast.FunctionDef, ast.ClassDef))]
     roots = imported_modules(top_level, cli, False)
     roots |= imported_modules([command_function(tree, command)], cli, False)
-    # the helpers cli.py calls for every command (params_with, check_family, user_facing) import lazily too
+    # the helpers cli.py calls for every command import lazily too
     for node in tree.body:
         if isinstance(node, ast.FunctionDef) and not any(isinstance(d, ast.Call) for d in node.decorator_list):
             roots |= imported_modules([node], cli, False)

@@ -21,14 +21,14 @@ from PIL import Image
 from dvae_cli.core.errors import UserError
 from dvae_cli.core.files import sha256_file
 from dvae_cli.core.images import to_uint8
-from dvae_cli.families import get_family
 from dvae_cli.formats.codes import ROWS_PER_CHUNK, CodesFile, code_dtype
 from dvae_cli.formats.dataset import DatasetChunk, DatasetFile, DatasetWriter
 from dvae_cli.formats.model_folder import WEIGHTS, load_model, save_model
+from dvae_cli.models import get_family
 from dvae_cli.params import load_params
-from dvae_cli.stages.decode import decode_codes_file, parse_rows
-from dvae_cli.stages.encode import EncodePaths, encode_dataset
-from dvae_cli.stages.prepare import prepare_data
+from dvae_cli.stages import decode, encode, prepare
+from dvae_cli.stages.decode import parse_rows
+from dvae_cli.stages.encode import EncodePaths
 
 FAMILIES = ("vqvae", "jointvae")
 
@@ -69,7 +69,7 @@ def codes_files(trained_project, tmp_path_factory) -> dict[str, Path]:
     files = {}
     for family in FAMILIES:
         paths = EncodePaths(trained_project.dataset, trained_project.model_dir(family), folder / f"{family}.h5")
-        result = encode_dataset(params, family, paths, show_progress=False)
+        result = encode.run(params, family, paths, show_progress=False)
         assert result.num_rows == 600
         files[family] = result.path
     return files
@@ -165,17 +165,17 @@ def test_codes_of_a_folder_dataset_keep_each_rows_source_path(trained_project, i
                                                               load_with_datasets):
     params = load_params(trained_project.params_path)
     dataset = tmp_path / "folder.h5"
-    prepare_data(replace(params, data=replace(params.data, dataset="folder", root=str(image_folder), subset=None)),
-                 dataset, show_progress=False)
+    prepare.run(replace(params, data=replace(params.data, dataset="folder", root=str(image_folder), subset=None)),
+                prepare.PreparePaths(dataset), show_progress=False)
     paths = EncodePaths(dataset, trained_project.model_dir("vqvae"), tmp_path / "codes.h5")
-    codes = encode_dataset(params, "vqvae", paths, show_progress=False).path
+    codes = encode.run(params, "vqvae", paths, show_progress=False).path
     expected = ["cat/0.png", "cat/1.png", "cat/2.png", "dog/0.png", "dog/1.png"]
     with CodesFile(codes) as reader:
         assert list(reader.source_paths(0, 5)) == expected
         assert reader.row_names() == ["codes", "labels"]  # batches yield tensors only
     assert load_with_datasets(codes)["source_paths"] == expected
     decoded = tmp_path / "decoded.h5"
-    decode_codes_file(params, codes, decoded, "1:4", show_progress=False)
+    decode.run(params, decode.DecodePaths(codes, decoded), "1:4", show_progress=False)
     with DatasetFile(decoded) as dataset:
         assert list(dataset.file["source_paths"].asstr()[:]) == expected[1:4]
 
@@ -202,7 +202,7 @@ def test_reader_yields_lazy_batches_of_a_split(codes_files):
 def test_decode_to_png_grid_of_upscaled_reconstructions(trained_project, codes_files, tmp_path):
     params = load_params(trained_project.params_path)
     out = tmp_path / "grid.png"
-    result = decode_codes_file(params, codes_files["vqvae"], out, "0:64", show_progress=False)
+    result = decode.run(params, decode.DecodePaths(codes_files["vqvae"], out), "0:64", show_progress=False)
     assert result.rows == range(64) and result.weights_match
     grid = np.asarray(Image.open(out).convert("L"))
     assert grid.shape == (8 * (64 + 2) + 2,) * 2  # 8 × 8 tiles of 32 px upscaled ×2, 2 px padding
@@ -217,7 +217,7 @@ def test_decode_to_png_grid_of_upscaled_reconstructions(trained_project, codes_f
 def test_decode_to_dataset_file_readable_by_every_stage(trained_project, codes_files, tmp_path, family):
     params = load_params(trained_project.params_path)
     out = tmp_path / "decoded.h5"
-    decode_codes_file(params, codes_files[family], out, "10:30", show_progress=False)
+    decode.run(params, decode.DecodePaths(codes_files[family], out), "10:30", show_progress=False)
     model = load_model(trained_project.model_dir(family), family).model
     with DatasetFile(out) as decoded, DatasetFile(trained_project.dataset) as dataset:
         assert decoded.num_images == 20 and decoded.info.image_size == 32
@@ -258,7 +258,8 @@ def test_reader_refuses_other_files(trained_project, codes_files, tmp_path):
     with pytest.raises(UserError, match="not found; create it with `dvae encode`"):
         CodesFile(tmp_path / "none.h5")
     with pytest.raises(UserError, match="must end in .png"):
-        decode_codes_file(load_params(trained_project.params_path), codes_files["vqvae"], tmp_path / "x.jpg")
+        decode.run(load_params(trained_project.params_path),
+                   decode.DecodePaths(codes_files["vqvae"], tmp_path / "x.jpg"))
     assert not (tmp_path / "x.jpg").exists()
 
 

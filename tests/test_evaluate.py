@@ -20,7 +20,23 @@ from typer.testing import CliRunner
 
 from dvae_cli.cli import app
 from dvae_cli.core.errors import UserError
-from dvae_cli.core.metrics import (
+from dvae_cli.core.splits import TEST
+from dvae_cli.formats.dataset import DatasetFile
+from dvae_cli.formats.model_folder import load_model, save_model
+from dvae_cli.models import DiscreteVAE
+from dvae_cli.models.jointvae.metrics import (
+    factor_representation,
+    gaussian_nll_per_image,
+)
+from dvae_cli.params import Params, load_params
+from dvae_cli.scoring.evaluation import (
+    PROBABILITY_FLOOR,
+    ReconstructionTotals,
+    finite_only,
+    reconstruction_metrics,
+    reconstruction_totals,
+)
+from dvae_cli.scoring.metrics import (
     DCIResult,
     factor_nmi,
     factorvae_score,
@@ -28,20 +44,9 @@ from dvae_cli.core.metrics import (
     mutual_information_gap,
     perplexity,
 )
-from dvae_cli.families import DiscreteVAE
-from dvae_cli.families.evaluation import (
-    PROBABILITY_FLOOR,
-    ReconstructionTotals,
-    finite_only,
-    reconstruction_metrics,
-    reconstruction_totals,
-)
-from dvae_cli.families.jointvae.metrics import factor_representation, gaussian_nll_per_image
-from dvae_cli.formats.dataset import TEST, DatasetFile
-from dvae_cli.formats.model_folder import load_model, save_model
-from dvae_cli.params import Params, load_params
-from dvae_cli.stages.encode import EncodePaths, encode_dataset
-from dvae_cli.stages.evaluate import EvaluatePaths, evaluate
+from dvae_cli.stages import encode, evaluate
+from dvae_cli.stages.encode import EncodePaths
+from dvae_cli.stages.evaluate import EvaluatePaths
 
 FAMILIES = ("jointvae", "vqvae")
 TEST_IMAGES = 60
@@ -156,7 +161,7 @@ def encoded(trained_project, tmp_path_factory) -> EncodedProject:
     codes = tmp_path_factory.mktemp("codes")
     params = load_params(trained_project.params_path)
     for family in FAMILIES:
-        encode_dataset(params, family, EncodePaths(trained_project.dataset, trained_project.model_dir(family),
+        encode.run(params, family, EncodePaths(trained_project.dataset, trained_project.model_dir(family),
                                                    codes / f"{family}.h5"), show_progress=False)
     return EncodedProject(params_path=trained_project.params_path, dataset=trained_project.dataset,
                           models=trained_project.root / "models", codes=codes)
@@ -168,8 +173,8 @@ def all_numbers(sections: dict) -> list[float]:
 
 
 def test_jointvae_metrics_end_to_end(encoded, tmp_path):
-    result = evaluate(encoded.params(), "jointvae", encoded.paths("jointvae", tmp_path / "metrics.json"),
-                      show_progress=False)
+    result = evaluate.run(encoded.params(), "jointvae", encoded.paths("jointvae", tmp_path / "metrics.json"),
+                          show_progress=False)
     metrics = json.loads((tmp_path / "metrics.json").read_text())
     assert metrics == result.metrics
     assert set(metrics) == {"evaluation", "reconstruction", "latent", "elbo", "labels", "discrete_factors",
@@ -219,8 +224,8 @@ def test_jointvae_metrics_end_to_end(encoded, tmp_path):
 
 
 def test_vqvae_metrics_end_to_end(encoded, tmp_path):
-    result = evaluate(encoded.params(), "vqvae", encoded.paths("vqvae", tmp_path / "metrics.json"),
-                      show_progress=False)
+    result = evaluate.run(encoded.params(), "vqvae", encoded.paths("vqvae", tmp_path / "metrics.json"),
+                          show_progress=False)
     metrics = json.loads((tmp_path / "metrics.json").read_text())
     assert metrics == result.metrics
     assert set(metrics) == {"evaluation", "reconstruction", "codes", "labels"}
@@ -249,10 +254,10 @@ def test_dci_runs_on_a_capped_subsample_of_the_seeded_sample(encoded, tmp_path, 
         fitted.append((*representation.shape, factor_classes.shape[1]))
         return DCIResult(disentanglement=0.5, completeness=0.25, informativeness_train=1.0, informativeness_test=0.75)
 
-    monkeypatch.setattr("dvae_cli.families.evaluation.dci", recording_dci)
-    monkeypatch.setattr("dvae_cli.families.evaluation.DCI_MAX_POINTS", 25)
+    monkeypatch.setattr("dvae_cli.scoring.evaluation.dci", recording_dci)
+    monkeypatch.setattr("dvae_cli.scoring.evaluation.DCI_MAX_POINTS", 25)
     params = encoded.params(**{"evaluate.dci": True, "evaluate.num_samples": 40, "seed": 3})
-    result = evaluate(params, "jointvae", encoded.paths("jointvae", tmp_path / "metrics.json"), show_progress=False)
+    result = evaluate.run(params, "jointvae", encoded.paths("jointvae", tmp_path / "metrics.json"), show_progress=False)
     assert fitted == [(25, 4 + 1, 5)]  # 25 points; 4 means + 1 discrete argmax; 5 dSprites factors
     assert result.metrics["factors"]["dci"] == {"disentanglement": 0.5, "completeness": 0.25,
                                                 "informativeness_train": 1.0, "informativeness_test": 0.75,
@@ -264,7 +269,7 @@ def test_dci_runs_on_a_capped_subsample_of_the_seeded_sample(encoded, tmp_path, 
 def test_factor_sample_is_seeded(encoded, tmp_path):
     def factors(seed: int, name: str) -> dict:
         params = encoded.params(**{"evaluate.num_samples": 30, "seed": seed})
-        return evaluate(params, "jointvae", encoded.paths("jointvae", tmp_path / name), show_progress=False).metrics
+        return evaluate.run(params, "jointvae", encoded.paths("jointvae", tmp_path / name), show_progress=False).metrics
 
     first, again, other = factors(1, "a.json"), factors(1, "b.json"), factors(2, "c.json")
     assert first == again
@@ -285,8 +290,8 @@ def test_dataset_without_labels_or_factors_has_no_such_sections(encoded, tmp_pat
     params = encoded.params()
     paths = EvaluatePaths(model_dir=encoded.models / "jointvae", dataset=dataset, codes=tmp_path / "codes.h5",
                           metrics=tmp_path / "metrics.json")
-    encode_dataset(params, "jointvae", EncodePaths(dataset, paths.model_dir, paths.codes), show_progress=False)
-    result = evaluate(params, "jointvae", paths, show_progress=False)
+    encode.run(params, "jointvae", EncodePaths(dataset, paths.model_dir, paths.codes), show_progress=False)
+    result = evaluate.run(params, "jointvae", paths, show_progress=False)
     assert set(result.metrics) == {"evaluation", "reconstruction", "latent", "elbo"}
     assert result.notes == []
 
@@ -295,7 +300,7 @@ def test_codes_of_the_other_family_are_refused(encoded, tmp_path):
     paths = EvaluatePaths(model_dir=encoded.models / "jointvae", dataset=encoded.dataset,
                           codes=encoded.codes / "vqvae.h5", metrics=tmp_path / "metrics.json")
     with pytest.raises(UserError, match="holds vqvae codes, not jointvae"):
-        evaluate(encoded.params(), "jointvae", paths, show_progress=False)
+        evaluate.run(encoded.params(), "jointvae", paths, show_progress=False)
     assert not paths.metrics.exists()
 
 
@@ -320,7 +325,8 @@ def make_other_model(model_dir: Path, target: Path) -> None:
     loaded = load_model(model_dir)
     with torch.no_grad():
         next(loaded.model.parameters()).add_(1.0)
-    save_model(target, loaded.family, loaded.model, loaded.config, loaded.data, {"dataset_sha256": loaded.record["dataset_sha256"]})
+    save_model(target, loaded.family, loaded.model, loaded.config, loaded.data,
+               {"dataset_sha256": loaded.record["dataset_sha256"]})
 
 
 def make_other_dataset(dataset: Path, target: Path) -> None:

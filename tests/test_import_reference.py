@@ -21,11 +21,11 @@ import torch
 from typer.testing import CliRunner
 
 from dvae_cli.cli import app
-from dvae_cli.families.base import DataShape
-from dvae_cli.families.jointvae.model import JointVAE, JointVAEConfig
 from dvae_cli.formats.codes import CodesFile
 from dvae_cli.formats.dataset import DatasetFile
 from dvae_cli.formats.model_folder import load_model
+from dvae_cli.models.base import DataShape
+from dvae_cli.models.jointvae.model import JointVAE, JointVAEConfig
 from tests.conftest import TINY_PARAMS
 
 SPECS: dict[str, Any] = {

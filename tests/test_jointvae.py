@@ -4,8 +4,8 @@ import pytest
 import torch
 
 from dvae_cli.core.errors import UserError
-from dvae_cli.families.base import DataShape
-from dvae_cli.families.jointvae.model import (
+from dvae_cli.models.base import DataShape
+from dvae_cli.models.jointvae.model import (
     CapacitySchedule,
     JointVAE,
     JointVAEConfig,

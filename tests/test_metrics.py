@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 from sklearn.metrics import mutual_info_score
 
-from dvae_cli.core.metrics import (
+from dvae_cli.scoring.metrics import (
     CodeUsage,
     bag_of_codes,
     clustering_scores,

@@ -4,9 +4,10 @@ import pytest
 import yaml
 
 from dvae_cli.core.errors import UserError
-from dvae_cli.families.jointvae.model import CapacitySchedule, JointVAEConfig
-from dvae_cli.families.vqvae.model import VQVAEConfig
-from dvae_cli.params import DataConfig, Params, load_params, parse_set_options, parse_value, to_dict
+from dvae_cli.models.jointvae.model import CapacitySchedule, JointVAEConfig
+from dvae_cli.models.vqvae.model import VQVAEConfig
+from dvae_cli.params import Params, load_params, parse_set_options, parse_value, to_dict
+from dvae_cli.sources import DataConfig
 
 PROJECT = Path(__file__).resolve().parents[1]
 PRESETS = PROJECT / "presets"

@@ -8,6 +8,7 @@ import os
 import shutil
 import signal
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -49,6 +50,8 @@ PICTURES = {"renders/jointvae/traversals.png", "renders/jointvae/discrete_x_cont
 
 
 VQVAE_STAGES = ("evaluate@vqvae", "render@vqvae")
+DVC = [sys.executable, "-m", "dvc"]
+"""DVC of the interpreter running the tests, so that an unactivated virtual environment works too."""
 
 
 def make_project(folder: Path, params: dict = PIPELINE_PARAMS) -> Path:
@@ -68,7 +71,10 @@ def make_project(folder: Path, params: dict = PIPELINE_PARAMS) -> Path:
 
 
 def environment() -> dict[str, str]:
-    return {**os.environ, "OMP_NUM_THREADS": "1", "DVC_NO_ANALYTICS": "1"}
+    """The stages' `dvae` is the one installed beside the running interpreter."""
+    scripts = str(Path(sys.executable).parent)
+    return {**os.environ, "PATH": os.pathsep.join([scripts, os.environ.get("PATH", "")]), "OMP_NUM_THREADS": "1",
+            "DVC_NO_ANALYTICS": "1"}
 
 
 def run(command: list[str], cwd: Path) -> str:
@@ -88,7 +94,7 @@ def digests(folder: Path, paths: list[str] = ARTIFACTS) -> dict[str, str]:
 @pytest.fixture(scope="module")
 def project(tmp_path_factory: pytest.TempPathFactory) -> Path:
     folder = make_project(tmp_path_factory.mktemp("pipeline") / "project")
-    output = run(["dvc", "repro"], folder)
+    output = run([*DVC, "repro"], folder)
     assert stages_run(output) == {"prepare", *(f"{stage}@{family}" for stage in ("train", "encode", "evaluate",
                                                                                   "render") for family in FAMILIES),
                                   "prior@vqvae", "sample@vqvae", "compare@vqvae"}
@@ -112,12 +118,12 @@ def test_every_artifact_exists_and_is_valid(project: Path) -> None:
 
 
 def test_dvc_shows_metrics_and_plots(project: Path) -> None:
-    metrics = json.loads(run(["dvc", "metrics", "show", "--json"], project))
+    metrics = json.loads(run([*DVC, "metrics", "show", "--json"], project))
     shown = json.dumps(metrics)
     for key in ("metrics/jointvae.json", "metrics/vqvae.json", "dvclive/jointvae/metrics.json", "negative_elbo",
                 "perplexity", "mig"):
         assert key in shown, key
-    plots = json.loads(run(["dvc", "plots", "show", "--json"], project))
+    plots = json.loads(run([*DVC, "plots", "show", "--json"], project))
     assert set(plots["data"]) == CHARTS | PICTURES and "errors" not in plots
     kl_z = plots["data"]["jointvae-kl-z"][0]["content"]["data"]["values"]
     assert {point["field"] for point in kl_z} == {f"train/kl_z_{i}" for i in range(6)} | {"train/kl_z",
@@ -133,9 +139,9 @@ def test_a_fresh_clone_draws_the_committed_curves_and_pictures(project: Path, tm
                                                                    "models/vqvae/.gitignore"]
     run(["git", "clone", "-q", str(project), str(tmp_path / "clone")], tmp_path)
     clone = tmp_path / "clone"
-    plots = json.loads(run(["dvc", "plots", "show", "--json"], clone))
+    plots = json.loads(run([*DVC, "plots", "show", "--json"], clone))
     assert set(plots["data"]) == CHARTS | PICTURES and "errors" not in plots
-    output = run(["dvc", "plots", "show", "-o", "page"], clone)
+    output = run([*DVC, "plots", "show", "-o", "page"], clone)
     assert "failed" not in output and (clone / "page" / "index.html").exists()
 
 
@@ -144,35 +150,35 @@ def test_forced_train_of_a_finished_run_resumes_at_its_end_and_changes_nothing(p
     live = ["dvclive/vqvae/metrics.json", "dvclive/vqvae/plots/train.json", "dvclive/vqvae/plots/epoch.json",
             "dvclive/vqvae/plots/eval.json", "models/vqvae/config.json"]
     before = digests(project, live)
-    output = run(["dvc", "repro", "--force", "--single-item", "train@vqvae"], project)
+    output = run([*DVC, "repro", "--force", "--single-item", "train@vqvae"], project)
     assert "vqvae: resumed from step 30" in output
     assert digests(project, live) == before
-    assert stages_run(run(["dvc", "repro"], project)) == set()
+    assert stages_run(run([*DVC, "repro"], project)) == set()
 
 
 def test_second_repro_does_nothing_and_render_steps_rerun_only_render(project: Path) -> None:
-    assert stages_run(run(["dvc", "repro"], project)) == set()
+    assert stages_run(run([*DVC, "repro"], project)) == set()
     params = yaml.safe_load((project / "params.yaml").read_text())
     params["render"]["steps"] = 5
     (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    assert stages_run(run(["dvc", "repro"], project)) == {"render@jointvae", "render@vqvae"}
+    assert stages_run(run([*DVC, "repro"], project)) == {"render@jointvae", "render@vqvae"}
     count, params["prior"]["sample"]["count"] = params["prior"]["sample"]["count"], 6
     (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    assert stages_run(run(["dvc", "repro"], project)) == {"sample@vqvae"}
+    assert stages_run(run([*DVC, "repro"], project)) == {"sample@vqvae"}
     params["prior"]["sample"]["count"] = count  # back, restored from the run cache (a later test compares the files)
     (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    run(["dvc", "repro"], project)
+    run([*DVC, "repro"], project)
 
     params["vqvae"]["num_codes"] = 32
     (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    changed = json.loads(run(["dvc", "status", "--json"], project))
+    changed = json.loads(run([*DVC, "status", "--json"], project))
     assert {stage.split(":")[-1] for stage in changed} == {"train@vqvae"}  # encode/evaluate/render@vqvae follow it
 
 
 def test_a_killed_repro_resumes_and_two_clones_give_identical_files(project: Path, tmp_path: Path) -> None:
     clone = make_project(tmp_path / "clone")
     checkpoint = clone / "models" / "jointvae" / "checkpoint.pt"
-    process = subprocess.Popen(["dvc", "repro"], cwd=clone, env=environment(), stdout=subprocess.DEVNULL,
+    process = subprocess.Popen([*DVC, "repro"], cwd=clone, env=environment(), stdout=subprocess.DEVNULL,
                                stderr=subprocess.DEVNULL, start_new_session=True)
     deadline = time.monotonic() + 300
     while not checkpoint.exists() and process.poll() is None and time.monotonic() < deadline:
@@ -181,7 +187,7 @@ def test_a_killed_repro_resumes_and_two_clones_give_identical_files(project: Pat
     process.wait()
     assert checkpoint.exists() and not (clone / "models" / "jointvae" / "model.safetensors").exists()
 
-    output = run(["dvc", "repro"], clone)
+    output = run([*DVC, "repro"], clone)
     assert "jointvae: resumed from step" in output
     summary = json.loads((clone / "dvclive" / "jointvae" / "metrics.json").read_text())
     assert summary["step"] == 60 and "loss" in summary["train"], "the resumed run keeps its DVCLive summary"
@@ -197,10 +203,10 @@ def test_returning_to_an_experiment_restores_it_from_the_run_cache(tmp_path: Pat
                *sorted(picture for picture in PICTURES if picture.startswith("renders/vqvae/"))]
     learning_rate = PIPELINE_PARAMS["vqvae"]["lr"]
     # The VQ-VAE's own stages (and what they depend on); the prior's, downstream, would only add minutes.
-    assert "train@vqvae" in stages_run(run(["dvc", "exp", "run", *VQVAE_STAGES, "-S", f"vqvae.lr={learning_rate}"], folder))
+    assert "train@vqvae" in stages_run(run([*DVC, "exp", "run", *VQVAE_STAGES, "-S", f"vqvae.lr={learning_rate}"], folder))
     first = digests(folder, outputs)
-    assert "train@vqvae" in stages_run(run(["dvc", "exp", "run", *VQVAE_STAGES, "-S", f"vqvae.lr={2 * learning_rate}"], folder))
+    assert "train@vqvae" in stages_run(run([*DVC, "exp", "run", *VQVAE_STAGES, "-S", f"vqvae.lr={2 * learning_rate}"], folder))
     assert digests(folder, outputs) != first
-    again = run(["dvc", "exp", "run", *VQVAE_STAGES, "-S", f"vqvae.lr={learning_rate}"], folder)
+    again = run([*DVC, "exp", "run", *VQVAE_STAGES, "-S", f"vqvae.lr={learning_rate}"], folder)
     assert stages_run(again) == set() and "Stage 'train@vqvae' is cached" in again
     assert digests(folder, outputs) == first

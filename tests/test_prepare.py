@@ -2,9 +2,17 @@ import numpy as np
 import pytest
 
 from dvae_cli.core.errors import UserError
-from dvae_cli.formats.dataset import TEST, TRAIN, VAL, DatasetFile
-from dvae_cli.params import DataConfig, Params
-from dvae_cli.stages.prepare import assign_split, check_classes, describe_skipped, prepare_data, select_subset
+from dvae_cli.core.splits import TEST, TRAIN, VAL
+from dvae_cli.formats.dataset import DatasetFile
+from dvae_cli.params import Params
+from dvae_cli.sources import DataConfig
+from dvae_cli.stages import prepare
+from dvae_cli.stages.prepare import (
+    assign_split,
+    check_classes,
+    describe_skipped,
+    select_subset,
+)
 
 
 def rng(seed: int = 0) -> np.random.Generator:
@@ -88,7 +96,7 @@ def folder_params(root, **data) -> Params:
 def test_prepare_folder(tmp_path, image_folder):
     out = tmp_path / "prepared" / "dataset.h5"
     params = folder_params(image_folder, image_size=8, channels=1, split=[0.6, 0.2, 0.2])
-    summary = prepare_data(params, out, show_progress=False)
+    summary = prepare.run(params, prepare.PreparePaths(out), show_progress=False)
     assert summary.path == out and summary.skipped == []
     assert summary.split_counts == {"train": 3, "val": 1, "test": 1}
     assert summary.file_bytes == out.stat().st_size
@@ -112,7 +120,7 @@ def test_prepare_is_deterministic_and_the_seed_matters(tmp_path, flat_image_fold
         out = tmp_path / name
         params = Params(seed=seed, data=DataConfig(dataset="folder", root=str(flat_image_folder), image_size=8,
                                                    channels=3, subset=3, split=[0.4, 0.3, 0.3]))
-        prepare_data(params, out, show_progress=False)
+        prepare.run(params, prepare.PreparePaths(out), show_progress=False)
         with DatasetFile(out) as dataset:
             return dataset.read_images()[:, 0, 0, 0], dataset.split
 
@@ -125,7 +133,8 @@ def test_prepare_is_deterministic_and_the_seed_matters(tmp_path, flat_image_fold
 
 def test_prepare_subset_keeps_each_rows_source_path(tmp_path, flat_image_folder):
     out = tmp_path / "dataset.h5"
-    prepare_data(folder_params(flat_image_folder, image_size=8, subset=3), out, show_progress=False)
+    prepare.run(folder_params(flat_image_folder, image_size=8, subset=3), prepare.PreparePaths(out),
+                show_progress=False)
     with DatasetFile(out) as dataset:
         paths = list(dataset.file["source_paths"].asstr()[:])
         assert len(paths) == 3 and paths == sorted(paths)
@@ -136,7 +145,8 @@ def test_prepare_subset_keeps_each_rows_source_path(tmp_path, flat_image_folder)
 def test_prepare_skips_and_names_unreadable_files(tmp_path, image_folder):
     (image_folder / "dog" / "broken.png").write_bytes(b"garbage")
     out = tmp_path / "dataset.h5"
-    summary = prepare_data(folder_params(image_folder, image_size=8, split=[1.0, 0.0, 0.0]), out, show_progress=False)
+    summary = prepare.run(folder_params(image_folder, image_size=8, split=[1.0, 0.0, 0.0]), prepare.PreparePaths(out),
+                          show_progress=False)
     assert summary.skipped == ["dog/broken.png"]
     with DatasetFile(out) as dataset:
         assert dataset.num_images == 5
@@ -158,7 +168,7 @@ def test_prepare_with_no_readable_image_leaves_no_file(tmp_path):
         (root / name).write_bytes(b"not an image")
     out = tmp_path / "out" / "dataset.h5"
     with pytest.raises(UserError, match=r"none of the 2 images .* could be read \(2: a.png, b.jpg\)"):
-        prepare_data(folder_params(root), out, show_progress=False)
+        prepare.run(folder_params(root), prepare.PreparePaths(out), show_progress=False)
     assert not out.parent.exists()  # the folder made for the output goes with it
 
 
@@ -166,7 +176,7 @@ def test_prepare_mnist_keeps_official_test_and_carves_val(tmp_path, fake_mnist):
     out = tmp_path / "dataset.h5"
     params = Params(data=DataConfig(dataset="mnist", root=str(fake_mnist.root), image_size=28, channels=1,
                                     split=[0.8, 0.1, 0.1]))
-    summary = prepare_data(params, out, show_progress=False)
+    summary = prepare.run(params, prepare.PreparePaths(out), show_progress=False)
     # val = round(0.1 / 0.9 × 40) = 4 of the 40 official train images; the 10 official test images stay test
     assert summary.split_counts == {"train": 36, "val": 4, "test": 10}
     with DatasetFile(out) as dataset:
@@ -182,7 +192,7 @@ def test_prepare_mnist_keeps_official_test_and_carves_val(tmp_path, fake_mnist):
 def test_prepare_mnist_subset_keeps_rows_and_labels_together(tmp_path, fake_mnist):
     out = tmp_path / "dataset.h5"
     params = Params(seed=2, data=DataConfig(dataset="mnist", root=str(fake_mnist.root), image_size=28, subset=20))
-    prepare_data(params, out, show_progress=False)
+    prepare.run(params, prepare.PreparePaths(out), show_progress=False)
     all_images = np.concatenate([fake_mnist.train_images, fake_mnist.test_images])
     all_labels = np.concatenate([fake_mnist.train_labels, fake_mnist.test_labels])
     with DatasetFile(out) as dataset:
@@ -203,8 +213,8 @@ def test_prepare_keeps_a_folders_test_split_and_carves_val_from_train(tmp_path, 
                 png_writer(root / split / name / f"{i}.png", np.full((8, 8), i, dtype=np.uint8))
     (root / "train" / "a" / "3.png").write_bytes(b"unreadable")
     out = tmp_path / "dataset.h5"
-    summary = prepare_data(folder_params(root, image_size=8, channels=1, split=[0.8, 0.2, 0.0]), out,
-                           show_progress=False)
+    summary = prepare.run(folder_params(root, image_size=8, channels=1, split=[0.8, 0.2, 0.0]),
+                          prepare.PreparePaths(out), show_progress=False)
     assert summary.split_counts == {"train": 12, "val": 3, "test": 4}
     assert summary.warnings == []
     with DatasetFile(out) as dataset:

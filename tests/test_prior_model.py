@@ -1,4 +1,4 @@
-"""The prior over code maps (`families.prior`): its NLL against hand-built distributions' entropy, its sampler."""
+"""The prior over code maps (`models.prior`): its NLL against hand-built distributions' entropy, its sampler."""
 
 from __future__ import annotations
 
@@ -7,7 +7,13 @@ import math
 import pytest
 import torch
 
-from dvae_cli.families.prior import CodeMaps, CodePrior, PriorConfig, start_tokens, training_rows
+from dvae_cli.models.prior import (
+    CodeMaps,
+    CodePrior,
+    PriorConfig,
+    start_tokens,
+    training_rows,
+)
 
 PROBABILITIES = torch.tensor([0.5, 0.25, 0.125, 0.125])
 """i.i.d. codes with this distribution have an entropy of 1.75 bits each."""

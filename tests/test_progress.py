@@ -12,8 +12,9 @@ from rich.console import Console
 
 from dvae_cli.core import progress
 from dvae_cli.core.progress import LogProgress, progress_bar
-from dvae_cli.params import DataConfig, Params
-from dvae_cli.stages.prepare import prepare_data
+from dvae_cli.params import Params
+from dvae_cli.sources import DataConfig
+from dvae_cli.stages import prepare
 
 
 class Clock:
@@ -165,8 +166,8 @@ def test_progress_touches_no_random_state(capsys, log_stderr):
 
 def test_a_stage_writes_the_same_bytes_with_lines_as_without(tmp_path, image_folder, capsys, log_stderr):
     params = Params(seed=4, data=DataConfig(dataset="folder", root=str(image_folder), image_size=8))
-    prepare_data(params, tmp_path / "quiet.h5", show_progress=False)
-    prepare_data(params, tmp_path / "logged.h5")
+    prepare.run(params, prepare.PreparePaths(tmp_path / "quiet.h5"), show_progress=False)
+    prepare.run(params, prepare.PreparePaths(tmp_path / "logged.h5"))
     captured = capsys.readouterr()
     assert captured.out == "" and captured.err.startswith("prepare folder: row 5/5 (100 %)")
     assert (tmp_path / "quiet.h5").read_bytes() == (tmp_path / "logged.h5").read_bytes()

@@ -7,7 +7,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from dvae_cli.families.vqvae.quantizer import VectorQuantizer
+from dvae_cli.models.vqvae.quantizer import VectorQuantizer
 
 
 def as_grid(vectors: list[list[float]]) -> torch.Tensor:

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from dvae_cli.core.rate_distortion import (
+from dvae_cli.scoring.rate_distortion import (
     LOSSLESS_PSNR,
     RatePoint,
     csv_bytes,

@@ -13,12 +13,17 @@ from typer.testing import CliRunner
 from dvae_cli.cli import app
 from dvae_cli.core.errors import UserError
 from dvae_cli.core.images import GRID_PADDING, LABEL_WIDTH, grid_extent, tile_size
-from dvae_cli.families import FAMILIES
-from dvae_cli.families.base import DataShape
-from dvae_cli.families.jointvae.model import JointVAE
-from dvae_cli.families.jointvae.pictures import PRIOR_SAMPLES, SAMPLE_COLUMNS, traversal_values
-from dvae_cli.families.pictures import SHOWN_IMAGES
-from dvae_cli.families.vqvae.pictures import (
+from dvae_cli.formats.dataset import DatasetFile
+from dvae_cli.formats.model_folder import load_model, save_model
+from dvae_cli.models import FAMILIES
+from dvae_cli.models.base import DataShape
+from dvae_cli.models.jointvae.model import JointVAE
+from dvae_cli.models.jointvae.pictures import (
+    PRIOR_SAMPLES,
+    SAMPLE_COLUMNS,
+    traversal_values,
+)
+from dvae_cli.models.vqvae.pictures import (
     CAPTION_HEIGHT,
     CODE_MAP_PAIRS_PER_ROW,
     CODEBOOK_CODES,
@@ -27,10 +32,9 @@ from dvae_cli.families.vqvae.pictures import (
     code_palette,
     usage_table,
 )
-from dvae_cli.formats.dataset import DatasetFile
-from dvae_cli.formats.model_folder import load_model, save_model
 from dvae_cli.params import load_params
-from dvae_cli.stages.render import render
+from dvae_cli.scoring.pictures import SHOWN_IMAGES
+from dvae_cli.stages import render
 from tests.test_cli import assert_no_output, assert_user_error, run_dvae
 
 TILE = 64  # the fixture's 32-pixel images, upscaled ×2
@@ -47,8 +51,9 @@ def rendered(trained_project, params, tmp_path_factory):
     """Both families rendered once from the trained project: family -> renders folder."""
     out = tmp_path_factory.mktemp("renders")
     for family in FILES:
-        render(params, family, trained_project.model_dir(family), trained_project.dataset, out / family,
-               show_progress=False)
+        render.run(params, family,
+                   render.RenderPaths(trained_project.model_dir(family), trained_project.dataset, out / family),
+                   show_progress=False)
     return out
 
 
@@ -142,7 +147,8 @@ def test_a_dimension_the_decoder_ignores_gives_a_row_of_identical_tiles(trained_
             head.weight[ignored] = 0.0
             head.bias[ignored] = 0.0
     save_model(tmp_path / "model", loaded.family, model, loaded.config, loaded.data, {})
-    render(params, "jointvae", tmp_path / "model", trained_project.dataset, tmp_path / "out", show_progress=False)
+    render.run(params, "jointvae", render.RenderPaths(tmp_path / "model", trained_project.dataset, tmp_path / "out"),
+               show_progress=False)
 
     continuous, columns = params.model_config("jointvae").continuous, max(params.render.steps, *params.model_config("jointvae").discrete)
     grid = cells(tmp_path / "out" / "traversals.png", continuous + 1, columns)
@@ -154,8 +160,9 @@ def test_a_dimension_the_decoder_ignores_gives_a_row_of_identical_tiles(trained_
 
 def test_rendering_twice_gives_identical_bytes(rendered, trained_project, params, tmp_path):
     for family in FILES:
-        render(params, family, trained_project.model_dir(family), trained_project.dataset, tmp_path / family,
-               show_progress=False)
+        render.run(params, family,
+                   render.RenderPaths(trained_project.model_dir(family), trained_project.dataset, tmp_path / family),
+                   show_progress=False)
         for name in FILES[family]:
             assert (tmp_path / family / name).read_bytes() == (rendered / family / name).read_bytes(), name
 
@@ -193,8 +200,9 @@ def test_no_continuous_dimension_skips_its_pictures_with_a_note(trained_project,
 def test_a_folder_with_other_files_is_not_replaced(trained_project, params, tmp_path):
     (tmp_path / "notes.txt").write_text("mine")
     with pytest.raises(UserError, match="notes.txt"):
-        render(params, "vqvae", trained_project.model_dir("vqvae"), trained_project.dataset, tmp_path,
-               show_progress=False)
+        render.run(params, "vqvae",
+                   render.RenderPaths(trained_project.model_dir("vqvae"), trained_project.dataset, tmp_path),
+                   show_progress=False)
     assert (tmp_path / "notes.txt").read_text() == "mine"
 
 

@@ -12,7 +12,8 @@ import torch
 
 from dvae_cli.formats.codes import ROWS_PER_CHUNK
 from dvae_cli.params import load_params
-from dvae_cli.stages.encode import EncodePaths, batch_aligned_slices, encode_dataset
+from dvae_cli.stages import encode
+from dvae_cli.stages.encode import EncodePaths, batch_aligned_slices
 from tests.test_encode import FAMILIES, write_tiled_dataset
 
 NUM_ROWS = 2_500
@@ -51,7 +52,7 @@ def test_two_ranks_write_the_bytes_of_one_process(trained_project, dataset: Path
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        single = encode_dataset(params, family, EncodePaths(dataset, model_dir,
+        single = encode.run(params, family, EncodePaths(dataset, model_dir,
                                                             tmp_path / "single.h5"), show_progress=False)
     finally:
         torch.set_num_threads(threads)

@@ -6,9 +6,8 @@ import torch
 from PIL import Image
 
 from dvae_cli.core.errors import UserError
-from dvae_cli.formats.dataset import TEST, TRAIN
-from dvae_cli.params import DataConfig
-from dvae_cli.sources import open_source
+from dvae_cli.core.splits import TEST, TRAIN
+from dvae_cli.sources import DataConfig, open_source
 from dvae_cli.sources.folder import FolderSource
 from dvae_cli.sources.torchvision_sources import TorchvisionSource
 from dvae_cli.sources.transform import fit_images, fit_pil_image

@@ -19,12 +19,12 @@ import torch
 import yaml
 
 from dvae_cli.core.errors import TrainingDiverged, UserError
-from dvae_cli.families.jointvae.model import JointVAE
 from dvae_cli.formats.checkpoint import read_checkpoint
-from dvae_cli.formats.dataset import pixel_histogram, pixel_variance
+from dvae_cli.models.jointvae.model import JointVAE
 from dvae_cli.params import load_params
-from dvae_cli.stages.prepare import prepare_data
-from dvae_cli.stages.train import TrainPaths, train
+from dvae_cli.scoring.metrics import pixel_histogram, pixel_variance
+from dvae_cli.stages import prepare, train
+from dvae_cli.stages.train import TrainPaths
 from dvae_cli.trainer import epoch_permutation
 from tests.conftest import TINY_PARAMS
 
@@ -49,7 +49,7 @@ def run_training(folder: Path, dataset: Path, family: str, restart: bool = False
                  **changes: Any) -> Path:
     params = load_params(write_params(folder, **changes))
     paths = TrainPaths(dataset, folder / "models" / family, folder / "dvclive" / family)
-    train(params, family, paths, restart=restart, restart_on_mismatch=restart_on_mismatch, show_progress=False)
+    train.run(params, family, paths, restart=restart, restart_on_mismatch=restart_on_mismatch, show_progress=False)
     return paths.model_dir
 
 
@@ -148,8 +148,8 @@ def test_killed_and_resumed_equals_uninterrupted(tmp_path: Path, tiny_dataset: P
     assert 0 < step < 90, "the run must be killed between its first checkpoint and its end"
     assert not (folder / "models" / family / "model.safetensors").exists()
     params_obj = load_params(params)
-    train(params_obj, family, TrainPaths(tiny_dataset, folder / "models" / family, folder / "dvclive" / family),
-          show_progress=False)
+    train.run(params_obj, family, TrainPaths(tiny_dataset, folder / "models" / family, folder / "dvclive" / family),
+              show_progress=False)
     assert weights_bytes(folder / "models" / family) == weights_bytes(uninterrupted)
 
 
@@ -334,7 +334,8 @@ def test_bad_files_exit_2_and_write_nothing(tmp_path: Path, tiny_dataset: Path) 
     odd = tmp_path / "odd"
     odd.mkdir()
     odd_dataset = odd / "dataset.h5"
-    prepare_data(load_params(write_params(odd, **{"data.image_size": 48})), odd_dataset, show_progress=False)
+    prepare.run(load_params(write_params(odd, **{"data.image_size": 48})), prepare.PreparePaths(odd_dataset),
+                show_progress=False)
     assert_user_error(dvae("train", "--model", "jointvae", "--params", str(params), "--dataset", str(odd_dataset),
                            cwd=tmp_path), "power of two")
     assert not (tmp_path / "models").exists() and not (tmp_path / "dvclive").exists()

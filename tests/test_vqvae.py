@@ -6,8 +6,8 @@ import torch
 import torch.nn.functional as F
 
 from dvae_cli.core.errors import UserError
-from dvae_cli.families.base import DataShape
-from dvae_cli.families.vqvae.model import VQVAE, VQVAEConfig
+from dvae_cli.models.base import DataShape
+from dvae_cli.models.vqvae.model import VQVAE, VQVAEConfig
 
 
 def tiny_config(**overrides: object) -> VQVAEConfig:

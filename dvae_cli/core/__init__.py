@@ -1,2 +1,2 @@
-"""Infrastructure every stage shares: errors, atomic files, progress, runtime (device, precision, memory format),
-distributed helpers, typed config schema, metric functions and picture building blocks."""
+"""Infrastructure every room shares: errors, atomic files, progress, the typed config schema, runtime (device,
+precision, memory format), distributed helpers, splits, the pipeline's file layout, and picture building blocks."""

@@ -18,6 +18,10 @@ from torch import Tensor, nn
 from dvae_cli.core.errors import UserError
 from dvae_cli.core.files import atomic_path
 
+CHECKPOINT = "checkpoint.pt"
+"""The resumable training state's file name, in the model folder beside the model but no part of it (nor a DVC
+output)."""
+
 FORMAT = "dvae-checkpoint"
 FORMAT_VERSION = 2
 FIELDS = {"fingerprint": dict, "step": int, "model": dict, "optimizer": dict, "scaler": dict, "epoch_counts": dict,

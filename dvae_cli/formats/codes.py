@@ -28,14 +28,13 @@ from torch import Tensor
 
 from dvae_cli import __version__
 from dvae_cli.core.errors import UserError
-from dvae_cli.families import FAMILIES, DiscreteVAE
-from dvae_cli.families.base import as_tensor, float32_if_floating
+from dvae_cli.core.splits import SPLIT_NAMES
+from dvae_cli.core.tensors import as_tensor, float32_if_floating
 from dvae_cli.formats.dataset import (
     COMPRESSION,
     COMPRESSION_LEVEL,
     ROW_ARRAYS,
     SOURCE_PATHS,
-    SPLIT_NAMES,
     DatasetFile,
     DatasetInfo,
     NewHDF5File,
@@ -43,6 +42,7 @@ from dvae_cli.formats.dataset import (
     read_rows,
     unreadable_is_damaged,
 )
+from dvae_cli.models import FAMILIES, DiscreteVAE
 
 FORMAT = "dvae-codes"
 FORMAT_VERSION = 2

@@ -22,11 +22,10 @@ import h5py
 import numpy as np
 
 from dvae_cli.core.errors import UserError
+from dvae_cli.core.splits import evaluation_split
 
 FORMAT = "dvae-dataset"
 FORMAT_VERSION = 1
-SPLIT_NAMES = ("train", "val", "test")
-TRAIN, VAL, TEST = 0, 1, 2
 IMAGES_PER_CHUNK = 64
 COMPRESSION = "gzip"
 COMPRESSION_LEVEL = 1
@@ -202,9 +201,9 @@ class DatasetFile:
 
     def evaluation_split(self) -> int:
         """The test split, or val when there is no test split."""
-        for split in (TEST, VAL):
-            if (self.split == split).any():
-                return split
+        split = evaluation_split(self.split)
+        if split is not None:
+            return split
         raise UserError(f"{self.path} has no test or val images; prepare it with a non-zero test or val fraction")
 
     def read_images(self, indices: np.ndarray | None = None, block: int = ROWS_PER_READ) -> np.ndarray:
@@ -221,19 +220,6 @@ class DatasetFile:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
-
-
-def pixel_histogram(images: np.ndarray) -> np.ndarray:
-    """Counts [256] of each uint8 value over all pixels."""
-    return np.bincount(images.reshape(-1), minlength=256)
-
-
-def pixel_variance(histogram: np.ndarray) -> float:
-    """Variance of all pixels on [0, 1], exact, from their 256-bin histogram."""
-    counts = histogram.astype(np.float64)
-    values = np.arange(256) / 255.0
-    mean = (counts * values).sum() / counts.sum()
-    return float((counts * (values - mean) ** 2).sum() / counts.sum())
 
 
 def read_rows(array: h5py.Dataset, rows: np.ndarray, block: int = ROWS_PER_READ) -> np.ndarray:

@@ -16,14 +16,13 @@ from dvae_cli import __version__
 from dvae_cli.core.errors import UserError
 from dvae_cli.core.files import sha256_file, write_bytes_atomic, write_json_atomic
 from dvae_cli.core.schema import build
-from dvae_cli.families import FAMILIES, DataShape, DiscreteVAE
-from dvae_cli.families.prior import CodeMaps, CodePrior, PriorConfig
+from dvae_cli.formats.checkpoint import CHECKPOINT
 from dvae_cli.formats.codes import model_codebook_sha256
+from dvae_cli.models import FAMILIES, DataShape, DiscreteVAE
+from dvae_cli.models.prior import PRIOR, CodeMaps, CodePrior, PriorConfig
 
 WEIGHTS = "model.safetensors"
 CONFIG = "config.json"
-CHECKPOINT = "checkpoint.pt"
-"""The resumable training state (`formats.checkpoint`), kept beside the model but no part of it (nor a DVC output)."""
 
 
 def model_files(folder: Path) -> list[Path]:
@@ -41,6 +40,15 @@ class LoadedModel:
     record: dict[str, Any]
     """The whole config.json."""
     weights_sha256: str
+    folder: Path
+
+    def check_image_shape(self, channels: Any, image_size: Any, holder: Path, remedy: str) -> None:
+        """A UserError, ending in `remedy`, unless the images of `holder` (a dataset or codes file) have the shape
+        this model takes."""
+        data = self.data
+        if (channels, image_size) != (data.channels, data.image_size):
+            raise UserError(f"{holder} holds {channels}×{image_size}×{image_size} images but the {self.family} model "
+                            f"in {self.folder} takes {data.channels}×{data.image_size}×{data.image_size}; {remedy}")
 
 
 def contiguous_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -135,11 +143,9 @@ def load_model(folder: Path, family: str | None = None, device: torch.device | s
         raise UserError(f"{weights_path} is damaged; re-create it with `dvae train --model {found_family}`") from None
     model.to(device).eval()
     return LoadedModel(model=model, family=found_family, config=config, data=data, record=record,
-                       weights_sha256=weights_sha256)
+                       weights_sha256=weights_sha256, folder=Path(folder))
 
 
-PRIOR = "prior"
-"""The `family` a prior's config.json names (beside `prior_of`, the family whose codes it models)."""
 
 
 @dataclass
@@ -164,8 +170,8 @@ class LoadedPrior:
 
 def save_prior(folder: Path, of: str, model: CodePrior, extra: dict[str, Any]) -> str:
     """A prior's folder: weights, then config.json with its config, its code maps and `extra` (no timings)."""
-    return _write_folder(folder, model, {"family": PRIOR, "prior_of": of, "dvae_version": __version__,
-                                         "prior": dataclasses.asdict(model.config),
+    return _write_folder(folder, model, {"family": PRIOR.name, "prior_of": of, "dvae_version": __version__,
+                                         PRIOR.name: dataclasses.asdict(model.config),
                                          "maps": dataclasses.asdict(model.maps), **extra})
 
 
@@ -179,21 +185,21 @@ def load_prior(folder: Path, of: str, device: torch.device | str = "cpu") -> Loa
         raise UserError(f"{folder} has no trained prior; make it with `dvae prior --model {of}`")
     try:
         record = json.loads(config_path.read_text())
-        found = record["prior_of"] if record["family"] == PRIOR else None
+        found = record["prior_of"] if record["family"] == PRIOR.name else None
     except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError):
         raise UserError(f"{config_path} is not a dvae prior config; {remake}") from None
     if found != of:
         raise UserError(f"{folder} holds no prior over {of} codes; pass the folder `dvae prior --model {of}` wrote")
     try:
-        config = build(PriorConfig, record["prior"], "prior")
+        config = build(PRIOR.config, record[PRIOR.name], PRIOR.name)
         maps = build(CodeMaps, record["maps"], "maps")
     except (UserError, TypeError, KeyError, AttributeError):
         raise UserError(f"{config_path} has a damaged `prior` or `maps` section; {remake}") from None
     with torch.device("meta"):
-        expected = {key: tuple(tensor.shape) for key, tensor in CodePrior(config, maps).state_dict().items()}
+        expected = {key: tuple(tensor.shape) for key, tensor in PRIOR.model(config, maps).state_dict().items()}
     if _weights_shapes(weights_path, remake) != expected or sha256_file(weights_path) != record.get("weights_sha256"):
         raise UserError(f"{weights_path} is not the file {config_path} names (other tensors, or replaced or damaged); "
                         f"{remake}")
-    model = CodePrior(config, maps)
+    model = PRIOR.model(config, maps)
     model.load_state_dict(load_file(weights_path))
     return LoadedPrior(folder=folder, model=model.to(device).eval(), config=config, maps=maps, record=record)

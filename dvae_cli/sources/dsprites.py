@@ -15,7 +15,7 @@ import torch
 from numpy.lib.stride_tricks import sliding_window_view
 
 from dvae_cli.formats.dataset import DatasetChunk, DatasetInfo
-from dvae_cli.params import DataConfig
+from dvae_cli.sources import DataConfig
 from dvae_cli.sources.transform import fit_images
 
 FACTOR_NAMES: tuple[str, ...] = ("shape", "scale", "orientation", "posX", "posY")

@@ -15,8 +15,9 @@ from PIL import Image, UnidentifiedImageError
 from torchvision.datasets.folder import IMG_EXTENSIONS
 
 from dvae_cli.core.errors import UserError
-from dvae_cli.formats.dataset import TEST, TRAIN, DatasetChunk, DatasetInfo
-from dvae_cli.params import DataConfig
+from dvae_cli.core.splits import TEST, TRAIN
+from dvae_cli.formats.dataset import DatasetChunk, DatasetInfo
+from dvae_cli.sources import DataConfig
 from dvae_cli.sources.transform import fit_pil_image
 
 

@@ -13,10 +13,19 @@ from typing import Any
 import numpy as np
 import torch
 
+from dvae_cli.core import layout
 from dvae_cli.core.errors import UserError
 from dvae_cli.core.files import check_output, write_bytes_atomic, write_json_atomic
 from dvae_cli.core.progress import progress_bar
-from dvae_cli.core.rate_distortion import (
+from dvae_cli.core.runtime import resolve_runtime
+from dvae_cli.core.splits import SPLIT_NAMES, TRAIN
+from dvae_cli.formats.codes import CodesFile
+from dvae_cli.formats.dataset import DatasetFile
+from dvae_cli.formats.model_folder import load_model, load_prior, model_files
+from dvae_cli.models import code_map_name
+from dvae_cli.models.prior import training_rows
+from dvae_cli.params import Params
+from dvae_cli.scoring.rate_distortion import (
     RatePoint,
     csv_bytes,
     palette_kmeans,
@@ -25,13 +34,6 @@ from dvae_cli.core.rate_distortion import (
     plot_png,
     psnr_of,
 )
-from dvae_cli.core.runtime import resolve_runtime
-from dvae_cli.families import code_map_name
-from dvae_cli.families.prior import training_rows
-from dvae_cli.formats.codes import CodesFile
-from dvae_cli.formats.dataset import SPLIT_NAMES, TEST, TRAIN, VAL, DatasetFile
-from dvae_cli.formats.model_folder import load_model, load_prior, model_files
-from dvae_cli.params import Params
 
 BATCH = 256
 
@@ -47,6 +49,15 @@ class ComparePaths:
     picture: Path
     metrics: Path
 
+    @classmethod
+    def of(cls, family: str, **given: Path | None) -> ComparePaths:
+        name = layout.prior_name(family)
+        return layout.fill(cls, given, dataset=layout.DATASET, model_dir=layout.model_dir(family),
+                           codes=layout.codes(family), prior_dir=layout.model_dir(name),
+                           table=layout.renders(name) / "rate_distortion.csv",
+                           picture=layout.renders(name) / "rate_distortion.png",
+                           metrics=layout.metrics(f"{family}-rate-distortion"))
+
 
 @dataclass
 class CompareResult:
@@ -61,7 +72,8 @@ def best_at_most(points: list[RatePoint], method: str, bits: float) -> float | N
     return max(reached) if reached else None
 
 
-def compare(params: Params, family: str, paths: ComparePaths, show_progress: bool = True) -> CompareResult:
+def run(params: Params, family: str, paths: ComparePaths, show_progress: bool = True) -> CompareResult:
+    """Every rate–distortion point on the evaluation split, into the table, the plot and the summary."""
     started = time.perf_counter()
     code_map = code_map_name(family)
     inputs = [paths.dataset, paths.codes, *model_files(paths.model_dir), *model_files(paths.prior_dir)]
@@ -71,10 +83,8 @@ def compare(params: Params, family: str, paths: ComparePaths, show_progress: boo
     loaded = load_model(paths.model_dir, family, runtime.device)
     prior = load_prior(paths.prior_dir, family, runtime.device)
     with DatasetFile(paths.dataset) as dataset:
-        split = TEST if len(dataset.indices(TEST)) else VAL
+        split = dataset.evaluation_split()
         rows = dataset.indices(split)
-        if not len(rows):
-            raise UserError(f"{paths.dataset} has no test or val images to compare on; prepare it with a test split")
         images = dataset.read_images(rows)
         train_images = dataset.read_images(dataset.indices(TRAIN))
     with CodesFile(paths.codes, family) as codes_file:

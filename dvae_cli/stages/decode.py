@@ -17,11 +17,12 @@ from dvae_cli.core.files import atomic_path, check_output
 from dvae_cli.core.images import save_png, square_grid, to_uint8
 from dvae_cli.core.progress import Advance, progress_bar
 from dvae_cli.core.runtime import Runtime, resolve_runtime
-from dvae_cli.families import DiscreteVAE
-from dvae_cli.families.base import as_tensor, out_of_range_codes
+from dvae_cli.core.tensors import as_tensor
 from dvae_cli.formats.codes import CodesFile
 from dvae_cli.formats.dataset import DatasetChunk, DatasetWriter
 from dvae_cli.formats.model_folder import WEIGHTS, LoadedModel, load_model, model_files
+from dvae_cli.models import DiscreteVAE
+from dvae_cli.models.base import out_of_range_codes
 from dvae_cli.params import Params
 
 DECODE_ROWS = 64
@@ -70,11 +71,8 @@ def check_model_matches(codes: CodesFile, loaded: LoadedModel, model_dir: Path, 
         if written != value:
             raise UserError(f"the {loaded.family} model in {model_dir} has {key} {value} but {codes.path} was "
                             f"written with {key} {written}; pass the model that wrote it with --model-dir")
-    shape = (loaded.data.channels, loaded.data.image_size)
-    if shape != (codes.attrs.get("channels"), codes.attrs.get("image_size")):
-        raise UserError(f"the model in {model_dir} makes {shape[0]}-channel {shape[1]}-pixel images but {codes.path} "
-                        f"encodes {codes.attrs.get('channels')}-channel {codes.attrs.get('image_size')}-pixel ones; "
-                        "pass the model that wrote it with --model-dir")
+    loaded.check_image_shape(codes.attrs.get("channels"), codes.attrs.get("image_size"), codes.path,
+                             "pass the model that wrote it with --model-dir")
     weights_match = loaded.weights_sha256 == codes.attrs.get("weights_sha256")
     if not weights_match and not force:
         raise UserError(f"{model_dir / WEIGHTS} is not the weights file that wrote {codes.path} (sha256 differs); "
@@ -116,17 +114,27 @@ def write_decoded_dataset(codes: CodesFile, rows: range, batches: Iterator[tuple
         writer.close()
 
 
-def decode_codes_file(params: Params, codes_path: Path, out: Path, rows_text: str | None = None,
-                      model_dir: Path | None = None, force: bool = False, show_progress: bool = True) -> DecodeResult:
+@dataclass(frozen=True)
+class DecodePaths:
+    codes: Path
+    out: Path
+    """A .png grid or a dataset-format .h5."""
+    model_dir: Path | None = None
+    """The model that decodes (None: the one the codes file names)."""
+
+
+def run(params: Params, paths: DecodePaths, rows_text: str | None = None, force: bool = False,
+        show_progress: bool = True) -> DecodeResult:
     """Decode rows of a codes file with the model that wrote it into a PNG grid or a dataset-format HDF5."""
     started = time.perf_counter()
+    codes_path, out = paths.codes, paths.out
     as_image = out.suffix.lower() in IMAGE_SUFFIXES
     if not as_image and out.suffix.lower() not in DATASET_SUFFIXES:
         raise UserError(f"--out {out} must end in .png (an image grid) or .h5 (a dataset file)")
     runtime = resolve_runtime(params.runtime)
     with CodesFile(codes_path) as codes:
         rows = parse_rows(rows_text, len(codes))
-        folder = model_dir or codes.model_dir
+        folder = paths.model_dir or codes.model_dir
         check_output(out, [codes_path, *model_files(folder)])
         loaded = load_model(folder, codes.family, runtime.device, force=force)
         weights_match = check_model_matches(codes, loaded, folder, force)

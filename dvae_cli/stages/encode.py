@@ -24,12 +24,17 @@ import h5py
 import torch
 from torch import Tensor
 
+from dvae_cli.core import layout
 from dvae_cli.core.distributed import all_gather_objects, join_cluster, leave_cluster
 from dvae_cli.core.errors import UserError
-from dvae_cli.core.files import atomic_path, check_output, pending_temporary, sha256_file
+from dvae_cli.core.files import (
+    atomic_path,
+    check_output,
+    pending_temporary,
+    sha256_file,
+)
 from dvae_cli.core.progress import Advance, progress_bar
 from dvae_cli.core.runtime import Runtime, resolve_runtime
-from dvae_cli.families import DiscreteVAE
 from dvae_cli.formats.codes import (
     PRECISION_NAMES,
     ArraySpec,
@@ -44,13 +49,13 @@ from dvae_cli.formats.codes import (
 )
 from dvae_cli.formats.dataset import (
     DATASET_MAKER,
-    DatasetFile,
     SOURCE_PATHS,
-    DatasetInfo,
+    DatasetFile,
     NewHDF5File,
     unreadable_is_damaged,
 )
 from dvae_cli.formats.model_folder import LoadedModel, load_model, model_files
+from dvae_cli.models import DiscreteVAE
 from dvae_cli.params import Params
 
 
@@ -90,6 +95,11 @@ class EncodePaths:
     model_dir: Path
     out: Path
 
+    @classmethod
+    def of(cls, family: str, **given: Path | None) -> EncodePaths:
+        return layout.fill(cls, given, dataset=layout.DATASET, model_dir=layout.model_dir(family),
+                           out=layout.codes(family))
+
 
 @dataclass(frozen=True)
 class EncodeResult:
@@ -105,15 +115,6 @@ class EncodeResult:
     @property
     def images_per_second(self) -> float:
         return self.num_rows / max(self.encode_seconds, 1e-9)
-
-
-def check_image_shape(info: DatasetInfo, loaded: LoadedModel, dataset: Path, model_dir: Path) -> None:
-    data = loaded.data
-    if (info.channels, info.image_size) != (data.channels, data.image_size):
-        raise UserError(
-            f"{dataset} holds {info.channels}×{info.image_size}×{info.image_size} images but the {loaded.family} "
-            f"model in {model_dir} takes {data.channels}×{data.image_size}×{data.image_size}; encode the dataset "
-            f"it was trained on, or retrain it with `dvae train --model {loaded.family}`")
 
 
 def batch_aligned_slices(num_rows: int, batch_size: int, world_size: int) -> list[range]:
@@ -221,8 +222,8 @@ def _write_codes_file(job: EncodeJob, rows: range, loaded: LoadedModel, paths: E
     return arrays, encode_seconds
 
 
-def encode_dataset(params: Params, family: str, paths: EncodePaths,
-                   show_progress: bool = True, force: bool = False) -> EncodeResult | None:
+def run(params: Params, family: str, paths: EncodePaths, show_progress: bool = True,
+        force: bool = False) -> EncodeResult | None:
     """Write the codes file of every dataset row (all splits, in dataset order), atomically.
 
     Under torchrun each rank encodes a batch-aligned slice of the rows and rank 0 assembles them into the file a
@@ -236,7 +237,9 @@ def encode_dataset(params: Params, family: str, paths: EncodePaths,
         loaded = load_model(paths.model_dir, family, runtime.device, force=force)
         model = runtime.prepare(loaded.model)
         with DatasetFile(paths.dataset) as dataset:
-            check_image_shape(dataset.info, loaded, paths.dataset, paths.model_dir)
+            loaded.check_image_shape(dataset.info.channels, dataset.info.image_size, paths.dataset,
+                                     f"encode the dataset it was trained on, or retrain it with `dvae train --model "
+                                     f"{family}`")
             images = dataset.file["images"]
             with unreadable_is_damaged(paths.dataset, DATASET_MAKER):
                 first = torch.from_numpy(images[:1])

@@ -17,17 +17,25 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from dvae_cli.core import layout
 from dvae_cli.core.errors import UserError
 from dvae_cli.core.files import check_output, sha256_file, write_json_atomic
 from dvae_cli.core.progress import progress_bar
 from dvae_cli.core.runtime import resolve_runtime
-from dvae_cli.families import get_family
-from dvae_cli.families.base import out_of_range_codes
-from dvae_cli.families.evaluation import Evaluation, Sections, evaluation_sections, reconstruction_totals, timed
+from dvae_cli.core.splits import SPLIT_NAMES
 from dvae_cli.formats.codes import CodesFile
-from dvae_cli.formats.dataset import SPLIT_NAMES, DatasetFile
+from dvae_cli.formats.dataset import DatasetFile
 from dvae_cli.formats.model_folder import LoadedModel, load_model, model_files
+from dvae_cli.models import get_family
+from dvae_cli.models.base import out_of_range_codes
 from dvae_cli.params import Params
+from dvae_cli.scoring.evaluation import (
+    Evaluation,
+    Sections,
+    evaluation_sections,
+    reconstruction_totals,
+    timed,
+)
 
 
 @dataclass(frozen=True)
@@ -36,6 +44,11 @@ class EvaluatePaths:
     dataset: Path
     codes: Path
     metrics: Path
+
+    @classmethod
+    def of(cls, family: str, **given: Path | None) -> EvaluatePaths:
+        return layout.fill(cls, given, model_dir=layout.model_dir(family), dataset=layout.DATASET,
+                           codes=layout.codes(family), metrics=layout.metrics(family))
 
 
 @dataclass
@@ -71,8 +84,8 @@ def _open_codes(paths: EvaluatePaths, family: str, loaded: LoadedModel, dataset:
     return codes
 
 
-def evaluate(params: Params, family: str, paths: EvaluatePaths, show_progress: bool = True,
-             force: bool = False) -> EvaluateResult:
+def run(params: Params, family: str, paths: EvaluatePaths, show_progress: bool = True,
+        force: bool = False) -> EvaluateResult:
     """Compute every metric of `family`'s model on the evaluation split and write them atomically to paths.metrics."""
     started = time.perf_counter()
     check_output(paths.metrics, [*model_files(paths.model_dir), paths.dataset, paths.codes])
@@ -94,7 +107,8 @@ def evaluate(params: Params, family: str, paths: EvaluatePaths, show_progress: b
             images = dataset.read_images(rows)
             totals = reconstruction_totals(loaded.model, latent, images, params.evaluate.batch_size, device, advance)
         run = Evaluation(config=loaded.config, seed=params.seed, settings=params.evaluate, source=codes,
-                         info=dataset.info, split=split, rows=rows, arrays=latent, reconstruction=totals, notes=[],
+                         factor_names=dataset.info.factor_names, num_classes=dataset.info.num_classes,
+                         split=split, rows=rows, arrays=latent, reconstruction=totals, notes=[],
                          seconds=seconds)
         metrics = evaluation_sections(run, get_family(family).metrics)
     write_json_atomic(paths.metrics, metrics)

@@ -8,10 +8,12 @@ from pathlib import Path
 
 import numpy as np
 
+from dvae_cli.core import layout
 from dvae_cli.core.errors import UserError
 from dvae_cli.core.files import atomic_path, check_output
 from dvae_cli.core.progress import progress_bar
-from dvae_cli.formats.dataset import SPLIT_NAMES, TEST, TRAIN, VAL, DatasetInfo, DatasetWriter
+from dvae_cli.core.splits import SPLIT_NAMES, TEST, TRAIN, VAL
+from dvae_cli.formats.dataset import DatasetInfo, DatasetWriter
 from dvae_cli.params import Params
 from dvae_cli.sources import open_source
 
@@ -88,8 +90,20 @@ def check_classes(labels: np.ndarray, split: np.ndarray, class_names: tuple[str,
     return warnings
 
 
-def prepare_data(params: Params, out: Path, show_progress: bool = True) -> PrepareSummary:
+@dataclass(frozen=True)
+class PreparePaths:
+    out: Path
+    """The dataset file to write (the source's folder is `data.root`, a param)."""
+
+    @classmethod
+    def of(cls, **given: Path | None) -> PreparePaths:
+        return layout.fill(cls, given, out=layout.DATASET)
+
+
+def run(params: Params, paths: PreparePaths, show_progress: bool = True) -> PrepareSummary:
+    """Read the source's rows (subset, split) into the dataset file, atomically."""
     started = time.perf_counter()
+    out = paths.out
     check_output(out, [Path(params.data.root)] if params.data.root else [])
     source = open_source(params.data)
     subset_rng, split_rng = (np.random.default_rng(seed) for seed in np.random.SeedSequence(params.seed).spawn(2))

@@ -1,4 +1,4 @@
-"""`dvae prior`: an autoregressive prior over the code maps of a codes file's train split (`families.prior`), trained
+"""`dvae prior`: an autoregressive prior over the code maps of a codes file's train split (`models.prior`), trained
 by the shared loop (`dvae_cli.trainer`: DVCLive curves, exact resume, seeds); its test NLL, in bits per code and bits
 per image, goes into its config.json and its metrics file."""
 
@@ -14,18 +14,19 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from dvae_cli.core.distributed import Cluster
+from dvae_cli.core import layout
 from dvae_cli.core.errors import UserError
 from dvae_cli.core.files import check_output, sha256_file, write_json_atomic
 from dvae_cli.core.runtime import Runtime
-from dvae_cli.families import code_map_name
-from dvae_cli.families.base import Trainable, out_of_range_codes
-from dvae_cli.families.prior import CodeMaps, CodePrior, training_rows
+from dvae_cli.core.splits import SPLIT_NAMES, TEST, TRAIN, VAL, evaluation_split
 from dvae_cli.formats.codes import CodesFile
-from dvae_cli.formats.dataset import SPLIT_NAMES, TEST, TRAIN, VAL
 from dvae_cli.formats.model_folder import load_model, save_prior
+from dvae_cli.models import code_map_name
+from dvae_cli.models.base import Trainable, out_of_range_codes
+from dvae_cli.models.prior import PRIOR, CodeMaps, CodePrior, training_rows
 from dvae_cli.params import Params
-from dvae_cli.trainer import Job, RunFolders, TrainResult, fit
+from dvae_cli.trainer import RunFolders, TrainResult, fit, training_run
+
 
 @dataclass(frozen=True)
 class PriorPaths:
@@ -35,6 +36,12 @@ class PriorPaths:
     out: Path
     live_dir: Path
     metrics: Path
+
+    @classmethod
+    def of(cls, family: str, **given: Path | None) -> PriorPaths:
+        name = layout.prior_name(family)
+        return layout.fill(cls, given, codes=layout.codes(family), model_dir=layout.model_dir(family),
+                           out=layout.model_dir(name), live_dir=layout.live_dir(name), metrics=layout.metrics(name))
 
     @property
     def folders(self) -> RunFolders:
@@ -48,6 +55,8 @@ class CodeMapRows:
     maps: CodeMaps
     rows: dict[int, Tensor]
     """Split (TRAIN, VAL, TEST) → its rows."""
+    evaluation_split: int | None
+    """The split the test figures are computed on (`core.splits.evaluation_split`)."""
     record: dict[str, Any]
     """What the prior's config.json keeps of them: codes file hash, codebook hash, dataset info."""
 
@@ -78,12 +87,12 @@ def read_code_maps(codes_path: Path, model_dir: Path, family: str, conditional: 
               "model_dir": str(model_dir), "weights_sha256": loaded.weights_sha256, "code_map": code_map,
               "dataset": attrs["dataset"], "dataset_sha256": attrs["dataset_sha256"],
               "dataset_info": dataclasses.asdict(info)}
-    return CodeMapRows(maps=maps, rows=rows, record=record)
+    return CodeMapRows(maps=maps, rows=rows, evaluation_split=evaluation_split(split), record=record)
 
 
 def test_figures(model: CodePrior, data: CodeMapRows, runtime: Runtime) -> dict[str, Any]:
     """The prior's NLL on the test split (val when it is empty): bits per code and bits per image."""
-    split = TEST if len(data.rows[TEST]) else VAL
+    split = VAL if data.evaluation_split is None else data.evaluation_split
     with runtime.autocast():
         nll = model.map_nll(data.rows[split])
     per_image = nll.mean().item() / math.log(2) if len(nll) else float("nan")
@@ -95,30 +104,44 @@ def test_figures(model: CodePrior, data: CodeMapRows, runtime: Runtime) -> dict[
 def run_fingerprint(params: Params, data: CodeMapRows) -> dict[str, Any]:
     """What must be unchanged for a checkpoint to resume: the prior's settings but epochs and sampling, the seed, the
     codes."""
-    prior = dataclasses.asdict(params.prior)
+    prior = dataclasses.asdict(params.model_config(PRIOR.name))
     for name in ("epochs", "sample"):
         prior.pop(name)
-    return {"prior": prior, "seed": params.seed, "codes_sha256": data.record["codes_sha256"]}
+    return {PRIOR.name: prior, "seed": params.seed, "codes_sha256": data.record["codes_sha256"]}
 
 
-def train_prior(params: Params, family: str, paths: PriorPaths, restart: bool = False,
-                restart_on_mismatch: bool = False, show_progress: bool = True) -> TrainResult:
+class PriorTraining:
+    """What `fit` trains for `dvae prior`: the prior over a codes file's code maps, saved as a prior folder with its
+    test figures."""
+
+    def __init__(self, params: Params, family: str, paths: PriorPaths, data: CodeMapRows, runtime: Runtime) -> None:
+        self.params, self.family, self.paths, self.data, self.runtime = params, family, paths, data, runtime
+        self.name, self.section = layout.prior_name(family), PRIOR.name
+        self.config = params.model_config(PRIOR.name)
+        self.fingerprint = run_fingerprint(params, data)
+        self.train, self.val, self.pixel_variance = runtime.place(data.rows[TRAIN]), data.rows[VAL][:2048], None
+
+    def as_input(self, rows: Tensor) -> Tensor:
+        return rows.to(self.runtime.device, non_blocking=True)
+
+    def build(self) -> Trainable:
+        return PRIOR.model(self.config, self.data.maps)
+
+    def score(self, model: Trainable) -> None:
+        return None
+
+    def save(self, model: Trainable, steps: int, metrics: dict[str, float]) -> None:
+        test = test_figures(model, self.data, self.runtime)
+        save_prior(self.paths.out, self.family, model, {**self.data.record, "seed": self.params.seed, "steps": steps,
+                                                        "final_metrics": metrics, "test": test})
+        write_json_atomic(self.paths.metrics, {"test": test, "steps": steps})
+
+
+def run(params: Params, family: str, paths: PriorPaths, restart: bool = False, restart_on_mismatch: bool = False,
+        show_progress: bool = True) -> TrainResult:
+    """Train the prior over the code maps of `family`'s codes file, from its checkpoint when one fits."""
     check_output(paths.metrics, [paths.codes], "--metrics")
-    name = f"{family}-prior"
-
-    def setup(runtime: Runtime, cluster: Cluster) -> Job:
-        data = read_code_maps(paths.codes, paths.model_dir, family, params.prior.conditional)
-
-        def save(model: Trainable, steps: int, metrics: dict[str, float]) -> None:
-            test = test_figures(model, data, runtime)
-            save_prior(paths.out, family, model, {**data.record, "seed": params.seed, "steps": steps,
-                                                  "final_metrics": metrics, "test": test})
-            write_json_atomic(paths.metrics, {"test": test, "steps": steps})
-
-        return Job(name=name, section="prior", config=params.prior, fingerprint=run_fingerprint(params, data),
-                   train=runtime.place(data.rows[TRAIN]), val=data.rows[VAL][:2048],
-                   as_input=lambda rows: rows.to(runtime.device, non_blocking=True),
-                   build=lambda: CodePrior(params.prior, data.maps), save=save)
-
-    return fit(params, paths.folders, setup, restart, restart_on_mismatch, show_progress)
-
+    with training_run(params, paths.folders) as (runtime, cluster):
+        data = read_code_maps(paths.codes, paths.model_dir, family, params.model_config(PRIOR.name).conditional)
+        job = PriorTraining(params, family, paths, data, runtime)
+        return fit(params, paths.folders, job, runtime, cluster, restart, restart_on_mismatch, show_progress)

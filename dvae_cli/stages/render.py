@@ -14,16 +14,18 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from dvae_cli.core import layout
 from dvae_cli.core.errors import UserError
 from dvae_cli.core.files import atomic_path, check_output
 from dvae_cli.core.images import save_png
 from dvae_cli.core.progress import progress_bar
 from dvae_cli.core.runtime import resolve_device
-from dvae_cli.families import get_family
-from dvae_cli.families.pictures import MEASURED_IMAGES, SHOWN_IMAGES, RenderInputs
-from dvae_cli.formats.dataset import SPLIT_NAMES, DatasetFile
+from dvae_cli.core.splits import SPLIT_NAMES
+from dvae_cli.formats.dataset import DatasetFile
 from dvae_cli.formats.model_folder import load_model, model_files
+from dvae_cli.models import get_family
 from dvae_cli.params import Params
+from dvae_cli.scoring.pictures import MEASURED_IMAGES, SHOWN_IMAGES, RenderInputs
 
 
 @dataclass(frozen=True)
@@ -52,28 +54,38 @@ def _check_out_folder(out: Path, files: tuple[str, ...]) -> None:
                         "the whole folder; pass an empty or new folder")
 
 
-def render(params: Params, family: str, model_dir: Path, dataset_path: Path, out: Path,
-           show_progress: bool = True, force: bool = False) -> RenderResult:
-    """Draw the family's pictures for the model in `model_dir` from the dataset's evaluation split into `out`."""
+@dataclass(frozen=True)
+class RenderPaths:
+    model_dir: Path
+    dataset: Path
+    out: Path
+    """The folder of the pictures, replaced as a whole."""
+
+    @classmethod
+    def of(cls, family: str, **given: Path | None) -> RenderPaths:
+        return layout.fill(cls, given, model_dir=layout.model_dir(family), dataset=layout.DATASET,
+                           out=layout.renders(family))
+
+
+def run(params: Params, family: str, paths: RenderPaths, show_progress: bool = True,
+        force: bool = False) -> RenderResult:
+    """Draw the family's pictures for the model in `paths.model_dir` from the dataset's evaluation split."""
     started = time.perf_counter()
-    check_output(out, [*model_files(model_dir), dataset_path], folder=True)
+    model_dir, out = paths.model_dir, paths.out
+    check_output(out, [*model_files(model_dir), paths.dataset], folder=True)
     settings = params.render
     spec = get_family(family)
     device = resolve_device(params.runtime.device)
     loaded = load_model(model_dir, family, device, force=force)
     _check_out_folder(out, spec.picture_files)
-    with DatasetFile(dataset_path) as dataset:
-        shape = (dataset.info.channels, dataset.info.image_size)
-        if shape != (loaded.data.channels, loaded.data.image_size):
-            trained = (loaded.data.channels, loaded.data.image_size)
-            raise UserError(f"{dataset_path} holds {shape[0]}-channel {shape[1]}×{shape[1]} images but the model in "
-                            f"{model_dir} was trained on {trained[0]}-channel {trained[1]}×{trained[1]} ones; "
-                            "pass the dataset it was trained on")
+    with DatasetFile(paths.dataset) as dataset:
+        loaded.check_image_shape(dataset.info.channels, dataset.info.image_size, paths.dataset,
+                                 "pass the dataset it was trained on")
         split = dataset.evaluation_split()
         rows = dataset.indices(split)
         if settings.base_index >= len(rows):
             raise UserError(f"render.base_index (--base) is {settings.base_index} but the {SPLIT_NAMES[split]} split "
-                            f"of {dataset_path} has {len(rows)} images; choose 0 to {len(rows) - 1}")
+                            f"of {paths.dataset} has {len(rows)} images; choose 0 to {len(rows) - 1}")
         shown = _seeded_rows(rows, SHOWN_IMAGES, settings.seed)
         measured = _seeded_rows(rows, MEASURED_IMAGES, settings.seed)
         inputs = RenderInputs(

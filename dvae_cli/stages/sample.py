@@ -11,10 +11,11 @@ import numpy as np
 import torch
 from PIL import Image
 
+from dvae_cli.core import layout
 from dvae_cli.core.files import atomic_path, check_output
 from dvae_cli.core.images import as_tiles, grid_image, labelled_grid, save_png
 from dvae_cli.core.runtime import resolve_runtime
-from dvae_cli.families.prior import CodeMaps, start_tokens
+from dvae_cli.core.splits import TEST
 from dvae_cli.formats.codes import (
     PRECISION_NAMES,
     CodesHeader,
@@ -22,8 +23,9 @@ from dvae_cli.formats.codes import (
     latent_specs,
     new_codes_file,
 )
-from dvae_cli.formats.dataset import TEST, DatasetInfo
+from dvae_cli.formats.dataset import DatasetInfo
 from dvae_cli.formats.model_folder import load_model, load_prior, model_files
+from dvae_cli.models.prior import PRIOR, CodeMaps, start_tokens
 from dvae_cli.params import Params
 
 DECODE_BATCH = 256
@@ -35,6 +37,12 @@ class SamplePaths:
     model_dir: Path
     picture: Path
     codes: Path
+
+    @classmethod
+    def of(cls, family: str, **given: Path | None) -> SamplePaths:
+        name = layout.prior_name(family)
+        return layout.fill(cls, given, prior_dir=layout.model_dir(name), model_dir=layout.model_dir(family),
+                           picture=layout.renders(name) / "prior_samples.png", codes=layout.codes(f"{family}-samples"))
 
 
 @dataclass
@@ -53,9 +61,10 @@ def sample_labels(maps: CodeMaps, count: int) -> np.ndarray | None:
     return np.arange(count, dtype=np.int64) * maps.num_classes // count
 
 
-def draw(params: Params, paths: SamplePaths, family: str) -> SampleResult:
+def run(params: Params, family: str, paths: SamplePaths) -> SampleResult:
+    """Draw code maps from the prior, decode them with the model, and write the picture and the codes file."""
     started = time.perf_counter()
-    settings = params.prior.sample
+    settings = params.model_config(PRIOR.name).sample
     inputs = [*model_files(paths.prior_dir), *model_files(paths.model_dir)]
     check_output(paths.picture, inputs, "--out")
     check_output(paths.codes, inputs, "--codes-out")

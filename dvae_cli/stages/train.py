@@ -18,23 +18,26 @@ import torch
 from torch import Tensor
 
 from dvae_cli import __version__
-from dvae_cli.core.distributed import Cluster
+from dvae_cli.core import layout
 from dvae_cli.core.errors import warn
 from dvae_cli.core.files import sha256_file
 from dvae_cli.core.runtime import Runtime
-from dvae_cli.families import DataShape, DiscreteVAE, get_family
-from dvae_cli.families.base import Trainable, float32_if_floating
-from dvae_cli.families.evaluation import (
+from dvae_cli.core.splits import TRAIN, VAL
+from dvae_cli.core.tensors import float32_if_floating
+from dvae_cli.formats.dataset import ROW_ARRAYS, DatasetFile, DatasetInfo
+from dvae_cli.formats.model_folder import save_model
+from dvae_cli.models import DataShape, DiscreteVAE, get_family
+from dvae_cli.models.base import Trainable
+from dvae_cli.params import Params
+from dvae_cli.scoring.evaluation import (
     ArraysInMemory,
     Evaluation,
     evaluation_sections,
     flatten,
     reconstruction_totals,
 )
-from dvae_cli.formats.dataset import ROW_ARRAYS, TRAIN, VAL, DatasetFile, DatasetInfo, pixel_histogram, pixel_variance
-from dvae_cli.formats.model_folder import save_model
-from dvae_cli.params import Params
-from dvae_cli.trainer import Job, RunFolders, TrainResult, fit
+from dvae_cli.scoring.metrics import pixel_histogram, pixel_variance
+from dvae_cli.trainer import RunFolders, TrainResult, fit, training_run
 
 VAL_IMAGES = 2048
 """Validation loss is measured on (at most) the first this many val images, at every epoch's end."""
@@ -48,6 +51,11 @@ class TrainPaths:
     dataset: Path
     model_dir: Path
     live_dir: Path
+
+    @classmethod
+    def of(cls, family: str, **given: Path | None) -> TrainPaths:
+        return layout.fill(cls, given, dataset=layout.DATASET, model_dir=layout.model_dir(family),
+                           live_dir=layout.live_dir(family))
 
     @property
     def checkpoint(self) -> Path:
@@ -126,7 +134,8 @@ def score_sample(model: DiscreteVAE, family: str, config: Any, sample: EvalSampl
                                    advance=lambda n=1, **fields: None)
     rows = np.arange(len(sample.images))
     run = Evaluation(config=config, seed=params.seed, settings=dataclasses.replace(params.evaluate, dci=False),
-                     source=ArraysInMemory(np.full(len(rows), VAL), {**latent, **sample.rows}), info=sample.info,
+                     source=ArraysInMemory(np.full(len(rows), VAL), {**latent, **sample.rows}),
+                     factor_names=sample.info.factor_names, num_classes=sample.info.num_classes,
                      split=VAL, rows=rows, arrays=dict(latent), reconstruction=totals, notes=[], seconds={})
     sections = evaluation_sections(run, get_family(family).metrics)
     model.train()
@@ -134,31 +143,44 @@ def score_sample(model: DiscreteVAE, family: str, config: Any, sample: EvalSampl
     return {f"eval/{name}": float(value) for name, value in flatten(curves, "/").items()}
 
 
-def train(params: Params, family: str, paths: TrainPaths, restart: bool = False,
-          restart_on_mismatch: bool = False, show_progress: bool = True) -> TrainResult:
-    config = params.model_config(family)
+class ImageTraining:
+    """What `fit` trains for `dvae train`: a family's model on the dataset's images, saved as a model folder."""
 
-    def setup(runtime: Runtime, cluster: Cluster) -> Job:
-        eval_every = params.train.eval_every if cluster.is_main else None
-        data = load_training_data(paths.dataset, runtime, params.seed if eval_every else None)
+    def __init__(self, params: Params, family: str, model_dir: Path, data: TrainingData, runtime: Runtime,
+                 is_main: bool) -> None:
+        self.params, self.family, self.model_dir, self.data = params, family, model_dir, data
+        self.runtime, self.is_main = runtime, is_main
+        self.name = self.section = family
+        self.config = params.model_config(family)
+        self.fingerprint = run_fingerprint(params, family, data.sha256)
+        self.train, self.val, self.pixel_variance = data.train, data.val, data.shape.pixel_variance
 
-        def save(model: Trainable, steps: int, metrics: dict[str, float]) -> None:
-            save_model(paths.model_dir, family, model, config, data.shape, {
-                "dataset_sha256": data.sha256, "seed": params.seed, "steps": steps, "dvae_version": __version__,
-                "final_metrics": metrics})
+    def as_input(self, rows: Tensor) -> Tensor:
+        return self.runtime.images(rows)
 
-        def build() -> Trainable:
-            model = get_family(family).model(config, data.shape)
-            for message in model.class_warnings(data.num_classes) if cluster.is_main else []:
-                warn(message)
-            return model
+    def build(self) -> Trainable:
+        model = get_family(self.family).model(self.config, self.data.shape)
+        for message in model.class_warnings(self.data.num_classes) if self.is_main else []:
+            warn(message)
+        return model
 
-        sample = data.eval_sample
-        return Job(name=family, section=family, config=config, fingerprint=run_fingerprint(params, family, data.sha256),
-                   train=data.train, val=data.val, as_input=runtime.images,
-                   build=build, save=save,
-                   score=None if sample is None else lambda model: score_sample(model, family, config, sample, params,
-                                                                                 runtime),
-                   pixel_variance=data.shape.pixel_variance)
+    def score(self, model: Trainable) -> dict[str, float] | None:
+        sample = self.data.eval_sample
+        if sample is None:
+            return None
+        return score_sample(model, self.family, self.config, sample, self.params, self.runtime)
 
-    return fit(params, paths.folders, setup, restart, restart_on_mismatch, show_progress)
+    def save(self, model: Trainable, steps: int, metrics: dict[str, float]) -> None:
+        save_model(self.model_dir, self.family, model, self.config, self.data.shape, {
+            "dataset_sha256": self.data.sha256, "seed": self.params.seed, "steps": steps, "dvae_version": __version__,
+            "final_metrics": metrics})
+
+
+def run(params: Params, family: str, paths: TrainPaths, restart: bool = False, restart_on_mismatch: bool = False,
+        show_progress: bool = True) -> TrainResult:
+    """Train `family` on the dataset, from its checkpoint when one fits, into the model folder."""
+    with training_run(params, paths.folders) as (runtime, cluster):
+        eval_seed = params.seed if params.train.eval_every and cluster.is_main else None
+        data = load_training_data(paths.dataset, runtime, eval_seed)
+        job = ImageTraining(params, family, paths.model_dir, data, runtime, cluster.is_main)
+        return fit(params, paths.folders, job, runtime, cluster, restart, restart_on_mismatch, show_progress)

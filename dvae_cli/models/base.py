@@ -1,5 +1,5 @@
 """The interface every model family shares, so no stage branches on the family, and the `Family` record the
-registry (`dvae_cli.families`) holds for each."""
+registry (`dvae_cli.models`) holds for each."""
 
 from __future__ import annotations
 
@@ -15,8 +15,8 @@ from dvae_cli.core.schema import param
 
 if TYPE_CHECKING:
     from dvae_cli.core.progress import Advance
-    from dvae_cli.families.evaluation import Evaluation, Sections
-    from dvae_cli.families.pictures import Rendered, RenderInputs
+    from dvae_cli.scoring.evaluation import Evaluation, Sections
+    from dvae_cli.scoring.pictures import Rendered, RenderInputs
 
 
 @dataclass(frozen=True)
@@ -142,16 +142,3 @@ def out_of_range_codes(model: DiscreteVAE, latent: Mapping[str, np.ndarray | Ten
             where = np.argwhere(wrong)[0]
             return f"`{name}` holds {values[tuple(where)]} at row {where[0]}, outside 0…{limits[tuple(where)] - 1}"
     return None
-
-
-def as_tensor(array: np.ndarray) -> Tensor:
-    """A stored latent array as model input: integers as int64 (what embeddings and cross-entropy take), the rest
-    as float32."""
-    if array.dtype.kind in "iub":
-        return torch.from_numpy(array.astype(np.int64))
-    return torch.from_numpy(array.astype(np.float32, copy=False))
-
-
-def float32_if_floating(tensor: Tensor) -> Tensor:
-    """A latent tensor in its stored form: floating point as float32, integers as they are."""
-    return tensor.float() if tensor.is_floating_point() else tensor

@@ -15,7 +15,11 @@ from scipy.optimize import linear_sum_assignment
 from scipy.stats import entropy as scipy_entropy
 from sklearn.ensemble import GradientBoostingClassifier
 from sklearn.linear_model import LogisticRegression
-from sklearn.metrics import adjusted_rand_score, mutual_info_score, normalized_mutual_info_score
+from sklearn.metrics import (
+    adjusted_rand_score,
+    mutual_info_score,
+    normalized_mutual_info_score,
+)
 
 COLLAPSED_STD_THRESHOLD = 0.05
 """Dimensions whose global standard deviation is below this are ignored by the FactorVAE score."""
@@ -87,6 +91,11 @@ def perplexity(counts: np.ndarray) -> float:
         raise ValueError("counts are all zero")
     probabilities = counts[counts > 0] / total
     return float(np.exp(-np.sum(probabilities * np.log(probabilities))))
+
+
+def code_counts(codes: np.ndarray, num_codes: int) -> np.ndarray:
+    """int64 [num_codes]: how many entries of `codes` (code maps of any shape) hold each code."""
+    return np.bincount(np.asarray(codes).reshape(-1).astype(np.int64), minlength=num_codes)
 
 
 def code_usage(counts: np.ndarray) -> CodeUsage:
@@ -339,3 +348,16 @@ def bag_of_codes(codes: np.ndarray, num_codes: int) -> np.ndarray:
     row_offsets = np.arange(flat.shape[0])[:, None] * num_codes
     counts = np.bincount((row_offsets + flat).ravel(), minlength=flat.shape[0] * num_codes)
     return (counts.reshape(flat.shape[0], num_codes) / flat.shape[1]).astype(np.float32)
+
+
+def pixel_histogram(images: np.ndarray) -> np.ndarray:
+    """Counts [256] of each uint8 value over all pixels."""
+    return np.bincount(images.reshape(-1), minlength=256)
+
+
+def pixel_variance(histogram: np.ndarray) -> float:
+    """Variance of all pixels on [0, 1], exact, from their 256-bin histogram."""
+    counts = histogram.astype(np.float64)
+    values = np.arange(256) / 255.0
+    mean = (counts * values).sum() / counts.sum()
+    return float((counts * (values - mean) ** 2).sum() / counts.sum())

@@ -16,8 +16,8 @@ from torch import Tensor, nn
 
 from dvae_cli.core.errors import UserError
 from dvae_cli.core.schema import KeyName, param
-from dvae_cli.families.base import DataShape, DiscreteVAE, LossOutput
-from dvae_cli.families.vqvae.quantizer import VectorQuantizer
+from dvae_cli.models.base import DataShape, DiscreteVAE, LossOutput
+from dvae_cli.models.vqvae.quantizer import VectorQuantizer
 
 # Both the training path and `decode_codes` hand the decoder this layout, so convolutions pick the same
 # kernels and evaluation-mode reconstructions match decode_codes(codes(x)) bit for bit.

@@ -20,7 +20,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from dvae_cli.core.distributed import all_gather_rows, all_reduce_sum, broadcast_from_rank0, select_global_rows, world
+from dvae_cli.core.distributed import (
+    all_gather_rows,
+    all_reduce_sum,
+    broadcast_from_rank0,
+    select_global_rows,
+    world,
+)
 
 CODEBOOK_UPDATES = ("ema", "loss")
 CODEBOOK_INITS = ("kmeans", "random")

@@ -6,10 +6,15 @@ import math
 
 import numpy as np
 
-from dvae_cli.core.metrics import bag_of_codes, code_usage, linear_probe_accuracy
-from dvae_cli.families.evaluation import Evaluation, Sections, seeded_generators
-from dvae_cli.families.vqvae.model import VQVAEConfig
-from dvae_cli.formats.dataset import TRAIN
+from dvae_cli.core.splits import TRAIN
+from dvae_cli.models.vqvae.model import VQVAEConfig
+from dvae_cli.scoring.evaluation import Evaluation, Sections, seeded_generators
+from dvae_cli.scoring.metrics import (
+    bag_of_codes,
+    code_counts,
+    code_usage,
+    linear_probe_accuracy,
+)
 
 PROBE_MAX_TRAIN_ROWS = 10000
 """The VQ-VAE linear probe is fit on a seeded sample of at most this many train-split code maps."""
@@ -21,7 +26,7 @@ def vqvae_metrics(run: Evaluation) -> Sections:
     codes = run.read("codes")
     assert codes is not None
     with run.timed("code usage"):
-        usage = code_usage(np.bincount(codes.reshape(-1).astype(np.int64), minlength=config.num_codes))
+        usage = code_usage(code_counts(codes, config.num_codes))
     sections: Sections = {"codes": {
         "perplexity": usage.perplexity, "fraction_used": usage.fraction_used, "unused": usage.unused,
         "bits_per_image": codes[0].size * math.log2(config.num_codes)}}

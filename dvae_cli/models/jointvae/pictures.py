@@ -10,8 +10,14 @@ from torch import Tensor
 
 from dvae_cli.core.images import as_tiles, blank_tiles, grid_image, labelled_grid
 from dvae_cli.core.progress import Advance
-from dvae_cli.families.jointvae.model import JointVAE, kl_categorical, kl_normal
-from dvae_cli.families.pictures import Rendered, RenderInputs, batches, reconstructions_picture, to_float
+from dvae_cli.models.jointvae.model import JointVAE, kl_categorical, kl_normal
+from dvae_cli.scoring.pictures import (
+    Rendered,
+    RenderInputs,
+    batches,
+    reconstructions_picture,
+    to_float,
+)
 
 FILES = ("traversals.png", "discrete_x_continuous.png", "reconstructions.png", "samples.png")
 """Every file the JointVAE pictures can write (one it cannot draw is skipped with a note)."""

@@ -14,35 +14,49 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import Any, Protocol
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from dvae_cli.core.metrics import (
+from dvae_cli.core.progress import Advance
+from dvae_cli.core.schema import param
+from dvae_cli.core.splits import SPLIT_NAMES
+from dvae_cli.core.tensors import as_tensor
+from dvae_cli.scoring.metrics import (
     clustering_scores,
     dci,
     factorvae_score,
     majority_accuracy,
     mutual_information_gap,
     normalized_mse,
+    pixel_histogram,
+    pixel_variance,
     psnr,
     varying_factor_mask,
 )
-from dvae_cli.core.progress import Advance
-from dvae_cli.families.base import as_tensor
-from dvae_cli.formats.dataset import SPLIT_NAMES, DatasetInfo, pixel_histogram, pixel_variance
-
-if TYPE_CHECKING:
-    from dvae_cli.families.base import DiscreteVAE
-    from dvae_cli.params import EvaluateConfig
 
 PROBABILITY_FLOOR = 1e-6
 """Decoder probabilities are clamped to [floor, 1 − floor] before the Bernoulli log-likelihood."""
 DCI_MAX_POINTS = 2000
 """DCI fits gradient-boosted trees per factor and class (about a minute on 2,000 dSprites points on 2 CPU cores),
 so it uses a subsample of the factor sample."""
+
+
+@dataclass(frozen=True)
+class EvaluateConfig:
+    """The `evaluate:` params section."""
+
+    num_samples: int = param(10000, help="points sampled for MIG and the FactorVAE score", ge=1, le=1 << 24)
+    dci: bool = param(False, help="also compute DCI (gradient-boosted trees; slow)")
+    batch_size: int = param(512, help="images per evaluation batch", ge=1, le=1 << 16)
+
+
+class Decoder(Protocol):
+    """What the reconstruction figures need of a model: images in [0, 1] from its stored latents."""
+
+    def decode(self, latent: dict[str, torch.Tensor]) -> torch.Tensor: ...
 
 
 Sections = dict[str, Any]
@@ -94,7 +108,10 @@ class Evaluation:
     seed: int
     settings: EvaluateConfig
     source: RowArrays
-    info: DatasetInfo
+    factor_names: tuple[str, ...]
+    """The dataset's ground-truth factors, in the order of its `factor_classes` columns."""
+    num_classes: int
+    """The dataset's label classes (0: no labels)."""
     split: int
     rows: np.ndarray
     """Sorted rows of `source` in the evaluation split."""
@@ -157,7 +174,7 @@ def factor_metrics(run: Evaluation, representation: np.ndarray, factor_classes: 
         with run.timed("mig"):
             mig = mutual_information_gap(representation, factor_classes)
         factors["mig"] = mig.mig
-        factors["mig_per_factor"] = {name: gap for name, gap in zip(run.info.factor_names, mig.per_factor)
+        factors["mig_per_factor"] = {name: gap for name, gap in zip(run.factor_names, mig.per_factor)
                                      if gap is not None}
     else:
         run.notes.append("MIG skipped: it needs a representation of at least 2 dimensions")
@@ -191,7 +208,7 @@ def cluster_section(assigned: np.ndarray, labels: np.ndarray, num_categories: in
 
 
 @torch.inference_mode()
-def reconstruction_totals(model: DiscreteVAE, latent: dict[str, np.ndarray], images: np.ndarray,
+def reconstruction_totals(model: Decoder, latent: dict[str, np.ndarray], images: np.ndarray,
                           batch_size: int, device: torch.device, advance: Advance) -> ReconstructionTotals:
     """Decode `latent` (codes-file arrays of the evaluation rows) batch by batch and sum the errors against `images`."""
     counts = pixel_histogram(images)

@@ -22,7 +22,7 @@ from torch import Tensor, nn
 
 from dvae_cli.core.errors import UserError
 from dvae_cli.core.schema import KeyName, param
-from dvae_cli.families.base import DataShape, DiscreteVAE, LossOutput
+from dvae_cli.models.base import DataShape, DiscreteVAE, LossOutput
 
 EPS = 1e-12
 """Keeps logarithms of probabilities and of uniform noise finite."""

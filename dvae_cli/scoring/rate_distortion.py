@@ -21,7 +21,7 @@ from PIL import Image
 from sklearn.cluster import KMeans
 from threadpoolctl import threadpool_limits
 
-from dvae_cli.core.metrics import psnr
+from dvae_cli.scoring.metrics import psnr
 
 LOSSLESS_PSNR = 100.0
 """The PSNR reported when the mean squared error is 0."""

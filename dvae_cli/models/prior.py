@@ -8,7 +8,9 @@ A training row is int64 [1 + h·w]: the start token (K + class, or K uncondition
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -16,7 +18,7 @@ from torch import Tensor, nn
 
 from dvae_cli.core.errors import UserError
 from dvae_cli.core.schema import KeyName, param
-from dvae_cli.families.base import LossOutput, Trainable
+from dvae_cli.models.base import LossOutput, Trainable
 
 
 @dataclass(frozen=True)
@@ -193,3 +195,17 @@ class CodePrior(Trainable):
                 logits = self.head(self.norm(h))[:, 0]
             tokens[:, position + 1] = self._next_codes(logits, uniforms[:, position], temperature, top_k)
         return tokens[:, 1:].reshape(n, self.maps.height, self.maps.width)
+
+
+@dataclass(frozen=True)
+class PriorKind:
+    """A registered prior over code maps: its params section, config class and model."""
+
+    name: str
+    """The params section (`prior:`) and what messages call it."""
+    config: type
+    model: Callable[[Any, CodeMaps], CodePrior]
+    """model(config, code maps) → an untrained prior."""
+
+
+PRIOR = PriorKind(name="prior", config=PriorConfig, model=CodePrior)

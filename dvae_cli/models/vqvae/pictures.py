@@ -11,10 +11,25 @@ import torch
 from PIL import Image, ImageDraw
 from torch import Tensor
 
-from dvae_cli.core.images import BACKGROUND, FONT_SIZE, GRID_PADDING, TEXT_COLOR, as_tiles, grid_image, label_font
+from dvae_cli.core.images import (
+    BACKGROUND,
+    FONT_SIZE,
+    GRID_PADDING,
+    TEXT_COLOR,
+    as_tiles,
+    grid_image,
+    label_font,
+)
 from dvae_cli.core.progress import Advance
-from dvae_cli.families.pictures import Rendered, RenderInputs, batches, reconstructions_picture, to_float
-from dvae_cli.families.vqvae.model import VQVAE
+from dvae_cli.models.vqvae.model import VQVAE
+from dvae_cli.scoring.metrics import code_counts
+from dvae_cli.scoring.pictures import (
+    Rendered,
+    RenderInputs,
+    batches,
+    reconstructions_picture,
+    to_float,
+)
 
 FILES = ("reconstructions.png", "code_maps.png", "codebook.png", "code_usage.csv")
 """Every file the VQ-VAE pictures write."""
@@ -32,12 +47,10 @@ def code_palette(num_codes: int) -> Tensor:
     return torch.tensor(colors, dtype=torch.float32)
 
 
-def code_usage(model: VQVAE, images: Tensor) -> Tensor:
+def measured_code_counts(model: VQVAE, images: Tensor) -> Tensor:
     """int64 [K]: how many code-map positions of `images` each code holds."""
-    counts = torch.zeros(model.config.num_codes, dtype=torch.long)
-    for batch in batches(images):
-        counts += torch.bincount(model.codes(batch).flatten().cpu(), minlength=model.config.num_codes)
-    return counts
+    codes = np.concatenate([model.codes(batch).cpu().numpy() for batch in batches(images)])
+    return torch.from_numpy(code_counts(codes, model.config.num_codes))
 
 
 def code_map_tiles(codes: Tensor, palette: Tensor, side: int) -> Tensor:
@@ -87,7 +100,7 @@ def render_vqvae(model: VQVAE, inputs: RenderInputs, advance: Advance) -> Render
     rendered.pictures["code_maps.png"] = grid_image(pairs, 2 * min(CODE_MAP_PAIRS_PER_ROW, inputs.shown.shape[0]))
     advance()
 
-    counts = code_usage(model, inputs.measured)
+    counts = measured_code_counts(model, inputs.measured)
     most_used = [int(code) for code in np.argsort(-counts.numpy(), kind="stable")[:CODEBOOK_CODES]
                  if counts[code] > 0]
     side = inputs.shown.shape[-1] // model.config.downsample

@@ -8,9 +8,19 @@ import math
 import numpy as np
 import torch
 
-from dvae_cli.core.metrics import factor_nmi
-from dvae_cli.families.evaluation import Evaluation, ReconstructionTotals, Sections, cluster_section, factor_metrics
-from dvae_cli.families.jointvae.model import JointVAEConfig, categorical_decomposition, kl_normal
+from dvae_cli.models.jointvae.model import (
+    JointVAEConfig,
+    categorical_decomposition,
+    kl_normal,
+)
+from dvae_cli.scoring.evaluation import (
+    Evaluation,
+    ReconstructionTotals,
+    Sections,
+    cluster_section,
+    factor_metrics,
+)
+from dvae_cli.scoring.metrics import factor_nmi
 
 ACTIVE_KL_THRESHOLD = 0.01
 """A continuous dimension whose KL (nats, averaged over images) exceeds this counts as active."""
@@ -71,13 +81,13 @@ def jointvae_metrics(run: Evaluation) -> Sections:
     if labels is not None and discrete.shape[1]:
         with run.timed("labels"):
             sections["labels"] = {f"discrete_{j}": cluster_section(discrete[:, j], labels, categories,
-                                                                    run.info.num_classes)
+                                                                    run.num_classes)
                                   for j, categories in enumerate(config.discrete)}
     factor_classes = run.read("factor_classes")
     if factor_classes is not None:
         with run.timed("labels"):
             sections["discrete_factors"] = {
-                f"discrete_{j}": {name: nmi for name, nmi in zip(run.info.factor_names,
+                f"discrete_{j}": {name: nmi for name, nmi in zip(run.factor_names,
                                                                  factor_nmi(discrete[:, j], factor_classes))
                                   if nmi is not None}
                 for j in range(discrete.shape[1])}

@@ -1,16 +1,16 @@
-"""What a family's pictures start from (`RenderInputs`), what they return (`Rendered`), and the pieces they share."""
+"""What a model family's pictures start from (`RenderInputs`), what they return (`Rendered`), and the pieces they share."""
 
 from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import torch
 from PIL import Image
 from torch import Tensor
 
 from dvae_cli.core.images import as_tiles, labelled_grid
-from dvae_cli.families.base import DiscreteVAE
 
 SHOWN_IMAGES = 8
 """Evaluation images in reconstructions.png and code_maps.png."""
@@ -51,7 +51,12 @@ def batches(images: Tensor) -> Iterator[Tensor]:
         yield to_float(images[start:start + ENCODE_BATCH])
 
 
-def reconstructions_picture(model: DiscreteVAE, images: Tensor) -> Image.Image:
+class Reconstructs(Protocol):
+    def reconstruct(self, x: Tensor) -> Tensor:
+        """Evaluation-mode reconstruction in [0, 1]."""
+
+
+def reconstructions_picture(model: Reconstructs, images: Tensor) -> Image.Image:
     """The images (top row) above their evaluation-mode reconstructions (bottom row)."""
     originals = to_float(images)
     tiles = as_tiles(torch.cat([originals, model.reconstruct(originals)]))

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from dvae_cli.core.errors import UserError
-from dvae_cli.families import FAMILIES, DataShape, DiscreteVAE, get_family
+from dvae_cli.models import FAMILIES, DataShape, DiscreteVAE, get_family
 
 PACKAGE = Path(__file__).resolve().parents[1] / "dvae_cli"
 
@@ -31,6 +31,6 @@ def test_unknown_family_is_a_user_error():
 def test_no_code_outside_the_family_folder_names_it(name):
     quoted = (f'"{name}"', f"'{name}'")
     offenders = [str(path.relative_to(PACKAGE)) for path in PACKAGE.rglob("*.py")
-                 if not path.is_relative_to(PACKAGE / "families" / name)
+                 if not path.is_relative_to(PACKAGE / "models" / name)
                  and any(text in path.read_text() for text in quoted)]
     assert offenders == []

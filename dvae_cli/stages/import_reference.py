@@ -19,12 +19,19 @@ from typing import Any
 
 import torch
 
+from dvae_cli.core import layout
 from dvae_cli.core.errors import UserError
 from dvae_cli.core.files import atomic_path, check_output, sha256_file
-from dvae_cli.families.base import DataShape
-from dvae_cli.families.jointvae import FAMILY
-from dvae_cli.families.jointvae.model import CapacitySchedule, JointVAE, JointVAEConfig, load_reference_state_dict
 from dvae_cli.formats.model_folder import save_model
+from dvae_cli.models.base import DataShape
+from dvae_cli.models.jointvae import FAMILY
+from dvae_cli.models.jointvae.model import (
+    CapacitySchedule,
+    JointVAE,
+    JointVAEConfig,
+    load_reference_state_dict,
+)
+from dvae_cli.params import Params
 
 DATASET_SHAPES: dict[str, tuple[int, int]] = {
     "mnist": (1, 32), "fashion_mnist": (1, 32), "dsprites": (1, 64), "chairs": (1, 64), "celeba": (3, 64)}
@@ -46,6 +53,7 @@ class ReferenceSpecs:
 @dataclass(frozen=True)
 class ImportResult:
     folder: Path
+    family: str
     dataset: str
     config: JointVAEConfig
     data: DataShape
@@ -147,9 +155,25 @@ def read_state_dict(path: Path) -> Mapping[str, torch.Tensor]:
     return state
 
 
-def import_reference(model_pt: Path, specs_path: Path, out: Path, base: JointVAEConfig,
-                     force: bool = False) -> ImportResult:
-    """Check both files, then write the model folder `out` atomically (replacing it only with `force`)."""
+@dataclass(frozen=True)
+class ImportPaths:
+    model_pt: Path
+    """The reference's state dict."""
+    specs: Path
+    out: Path
+    """The model folder to write."""
+
+    @classmethod
+    def of(cls, model_pt: Path, **given: Path | None) -> ImportPaths:
+        return layout.fill(cls, given, model_pt=model_pt, specs=model_pt.with_name("specs.json"),
+                           out=layout.model_dir(FAMILY.name))
+
+
+def run(params: Params, paths: ImportPaths, force: bool = False) -> ImportResult:
+    """Check both files, then write the model folder atomically (replacing it only with `force`); the training
+    settings specs.json leaves out come from params' jointvae section."""
+    model_pt, specs_path, out = paths.model_pt, paths.specs, paths.out
+    base = params.model_config(FAMILY.name)
     check_output(out, [model_pt, specs_path], folder=True)
     if out.is_dir() and not force and any(out.iterdir()):
         raise UserError(f"{out} already exists; pass --force to replace it, or another --out")
@@ -166,6 +190,6 @@ def import_reference(model_pt: Path, specs_path: Path, out: Path, base: JointVAE
     with atomic_path(out) as tmp:
         weights_sha256 = save_model(tmp, FAMILY.name, model, config, data,
                                     {"dataset_sha256": None, "reference": reference})
-    return ImportResult(folder=out, dataset=specs.dataset, config=config, data=data,
+    return ImportResult(folder=out, family=FAMILY.name, dataset=specs.dataset, config=config, data=data,
                         num_parameters=sum(tensor.numel() for tensor in model.state_dict().values()),
                         weights_sha256=weights_sha256, notes=specs.notes)

@@ -1,9 +1,0 @@
-"""JointVAE (Dupont, 2018): model and config, evaluation sections, pictures."""
-
-from dvae_cli.families.base import Family
-from dvae_cli.families.jointvae.metrics import jointvae_metrics
-from dvae_cli.families.jointvae.model import JointVAE, JointVAEConfig
-from dvae_cli.families.jointvae.pictures import FILES, render_jointvae
-
-FAMILY = Family(name="jointvae", config=JointVAEConfig, model=JointVAE, metrics=jointvae_metrics,
-                pictures=render_jointvae, picture_files=FILES)
