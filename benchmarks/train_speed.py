@@ -50,16 +50,18 @@ class Setup:
     image_size: int
     batch_size: int
 
+
 def setups(family: str) -> list[Setup]:
     if family == "jointvae":
         return [Setup("jointvae dSprites 64×64 (reference architecture), batch 64", "jointvae",
                       {"continuous": 6, "discrete": [3], "batch_size": 64}, 1, 64, 64)]
-    shipped = load_params(Path("params.yaml"), missing_ok=True).vqvae
+    shipped = load_params(Path("params.yaml"), missing_ok=True).model_config("vqvae")
     quick = {key: getattr(shipped, key) for key in ("hidden", "res_blocks", "downsample", "num_codes", "code_dim",
                                                     "batch_size")}
     cifar = {"hidden": 256, "res_blocks": 2, "downsample": 4, "num_codes": 512, "code_dim": 64, "batch_size": 128}
     return [Setup("vqvae quick config (params.yaml), dSprites 64×64, batch 64", "vqvae", quick, 1, 64, 64),
             Setup("vqvae CIFAR-10 architecture (paper), 3×32×32, batch 128", "vqvae", cifar, 3, 32, 128)]
+
 
 def make_images(setup: Setup, count: int) -> np.ndarray:
     if setup.channels == 1 and setup.image_size == 64:
@@ -68,11 +70,13 @@ def make_images(setup: Setup, count: int) -> np.ndarray:
     return np.random.default_rng(0).integers(0, 256, (count, setup.channels, setup.image_size, setup.image_size),
                                              dtype=np.uint8)
 
+
 def write_dataset(path: Path, images: np.ndarray) -> None:
     info = DatasetInfo(source="benchmark", image_size=images.shape[-1], channels=images.shape[1])
     writer = DatasetWriter(path, info, {})
     writer.append(DatasetChunk(images=images))
     writer.finish(np.zeros(len(images), dtype=np.uint8))
+
 
 def dvae_images_per_second(setup: Setup, dataset: Path, steps: int, device: str, folder: Path) -> float:
     params = build_params({setup.family: {**setup.model, "epochs": 1000},
@@ -80,8 +84,9 @@ def dvae_images_per_second(setup: Setup, dataset: Path, steps: int, device: str,
                            "runtime": {"device": device}})
     paths = TrainPaths(dataset, folder / "models" / setup.family, folder / "dvclive" / setup.family)
     train.run(params, setup.family, paths, restart=True, show_progress=False)
-    history = (paths.live_dir / "plots" / "metrics" / "train" / "images_per_second.tsv").read_text().splitlines()
-    return float(history[-1].split("\t")[-1])
+    rows = json.loads((paths.live_dir / "plots" / "train.json").read_text())
+    return float(rows[-1]["train/images_per_second"])
+
 
 class PerItemImages(Dataset):
     """How reference implementations feed data: one HWC uint8 array per item through ToTensor."""
@@ -95,6 +100,7 @@ class PerItemImages(Dataset):
 
     def __getitem__(self, index: int) -> torch.Tensor:
         return self.to_tensor(self.images[index])
+
 
 def baseline_images_per_second(setup: Setup, images: np.ndarray, steps: int, device: torch.device) -> float:
     params = build_params({setup.family: setup.model})
@@ -122,6 +128,7 @@ def baseline_images_per_second(setup: Setup, images: np.ndarray, steps: int, dev
         torch.cuda.synchronize()
     return timed_images / (time.perf_counter() - started)
 
+
 def flops_per_image(setup: Setup) -> float:
     params = build_params({setup.family: setup.model})
     model = get_family(setup.family).model(params.model_config(setup.family), DataShape(setup.channels, setup.image_size))
@@ -130,6 +137,7 @@ def flops_per_image(setup: Setup) -> float:
     with FlopCounterMode(display=False) as counter:
         model.loss(x, 1).loss.backward()
     return counter.get_total_flops() / len(x)
+
 
 def matmul_peak_gflops(device: torch.device) -> float:
     a, b = torch.randn(2048, 2048, device=device), torch.randn(2048, 2048, device=device)
@@ -146,6 +154,7 @@ def matmul_peak_gflops(device: torch.device) -> float:
         best = min(best, time.perf_counter() - started)
     return 2 * 2048**3 / best / 1e9
 
+
 def measure(kind: str, setup: Setup, steps: int, device: str, folder: Path) -> tuple[float, float]:
     """One measurement, run in its own interpreter by `main`: images/s, then the matmul peak measured right after."""
     torch_device = resolve_runtime(build_params({"runtime": {"device": device}}).runtime).device
@@ -154,6 +163,7 @@ def measure(kind: str, setup: Setup, steps: int, device: str, folder: Path) -> t
     else:
         speed = baseline_images_per_second(setup, np.load(folder / f"{setup.family}.npy"), steps, torch_device)
     return speed, matmul_peak_gflops(torch_device)
+
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])

@@ -29,7 +29,7 @@ from dvae_cli.core.tensors import as_tensor, float32_if_floating
 from dvae_cli.formats.codes import ArraySpec, latent_specs
 from dvae_cli.formats.model_folder import LoadedModel, load_model
 from dvae_cli.models import DiscreteVAE
-from dvae_cli.models.base import out_of_range_codes
+from dvae_cli.models.base import invalid_latent
 from dvae_cli.params import EncodeConfig
 
 ImageBatch = Any
@@ -178,8 +178,8 @@ class Model:
             if row_shape != self.arrays[name].row_shape:
                 raise UserError(f"`{name}` has rows of shape {list(row_shape)} but {self._where()} makes "
                                 f"{list(self.arrays[name].row_shape)}; decode codes this model encoded")
-        if wrong := out_of_range_codes(self.network, arrays):
-            raise UserError(f"{wrong}, the range of {self._where()}; decode codes this model encoded")
+        if wrong := invalid_latent(self.network, arrays):
+            raise UserError(f"{wrong} ({self._where()}); decode codes this model encoded")
         return arrays
 
 

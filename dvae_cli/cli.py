@@ -33,7 +33,9 @@ from dvae_cli.sources import SOURCES
 ModelOption = Annotated[str, typer.Option("--model", "-m", help=f"model family: {' | '.join(FAMILIES)}")]
 CodeMapModelOption = Annotated[str, typer.Option("--model", "-m", help="the family whose code maps the prior models: "
                                                  f"{' | '.join(n for n, f in FAMILIES.items() if f.code_map)}")]
-ForceOption = Annotated[bool, typer.Option(help="use weights that config.json's weights_sha256 does not name")]
+ForceOption = Annotated[bool, typer.Option(help="use weights that config.json's weights_sha256 does not name, and "
+                                           "replace a dvae file another command wrote at the output")]
+ReplaceOption = Annotated[bool, typer.Option("--force", help="replace a dvae file another command wrote at the output")]
 RestartOption = Annotated[bool, typer.Option(help="ignore an existing checkpoint and start over")]
 RestartOnMismatchOption = Annotated[bool, typer.Option(
     help="resume a matching checkpoint, start over when params changed (what the DVC stage uses)")]
@@ -48,11 +50,11 @@ PriorDirPath = path_option("prior folder [default: models/MODEL-prior]", "--prio
          image_size=Flag("data.image_size", int, "square image side"), channels=Flag("data.channels", int, "1 or 3"),
          seed=Flag("seed", int, "seed of the subset and split"))
 def prepare_data_command(params: Params, out: path_option("dataset file to write [default: data/prepared/dataset.h5]")
-                         = None) -> None:
+                         = None, force: ReplaceOption = False) -> None:
     """Write the dataset file from a source (built-in dSprites, torchvision, an image folder)."""
     from dvae_cli.stages import prepare
 
-    summary = prepare.run(params, prepare.PreparePaths.of(out=out))
+    summary = prepare.run(params, prepare.PreparePaths.of(out=out), force=force)
     for message in summary.warnings:
         warn(message)
     info = summary.info
@@ -78,6 +80,7 @@ def train_command(
     restart_on_mismatch: RestartOnMismatchOption = False,
     nproc: Annotated[int | None, typer.Option(
         help="run N data-parallel processes on this machine through torchrun (one per GPU)", min=1)] = None,
+    force: ReplaceOption = False,
 ) -> None:
     """Train a model (resumes from its checkpoint when one matches)."""
     if nproc is not None and nproc > 1:
@@ -87,7 +90,7 @@ def train_command(
     from dvae_cli.stages import train
 
     paths = train.TrainPaths.of(model, dataset=dataset, model_dir=out, live_dir=live)
-    result = train.run(params, model, paths, restart=restart, restart_on_mismatch=restart_on_mismatch)
+    result = train.run(params, model, paths, restart=restart, restart_on_mismatch=restart_on_mismatch, force=force)
     if result.resumed_from:
         typer.echo(f"{model}: resumed from step {result.resumed_from} of {paths.checkpoint}", err=True)
     if result.metrics:
@@ -124,7 +127,8 @@ def decode_command(
     rows: Annotated[str | None, typer.Option(help="rows START:STOP to decode [default: the first 64]")] = None,
     model_dir: path_option("model folder [default: the one the codes file names]") = None,
     force: Annotated[bool, typer.Option(
-        help="decode even when the model's weights are not the encoder's, or not those config.json names")] = False,
+        help="decode even when the model's weights are not the encoder's, or not those config.json names, and "
+             "replace a dvae file another command wrote at --out")] = False,
 ) -> None:
     """Decode rows of a codes file into a PNG grid or a dataset-format HDF5."""
     from dvae_cli.stages import decode
@@ -193,13 +197,14 @@ def prior_command(
     metrics: path_option("test NLL file [default: metrics/MODEL-prior.json]") = None,
     restart: RestartOption = False,
     restart_on_mismatch: RestartOnMismatchOption = False,
+    force: ReplaceOption = False,
 ) -> None:
     """Train an autoregressive prior over the code maps of the codes file's train split; report its test NLL."""
     from dvae_cli.stages import prior
 
     code_map_name(model)
     paths = prior.PriorPaths.of(model, codes=codes, model_dir=model_dir, out=out, live_dir=live, metrics=metrics)
-    result = prior.run(params, model, paths, restart=restart, restart_on_mismatch=restart_on_mismatch)
+    result = prior.run(params, model, paths, restart=restart, restart_on_mismatch=restart_on_mismatch, force=force)
     if result.resumed_from:
         typer.echo(f"{model} prior: resumed from step {result.resumed_from} of {paths.folders.checkpoint}", err=True)
     test = json.loads(paths.metrics.read_text())["test"]
@@ -219,13 +224,14 @@ def sample_command(
     model_dir: path_option("model folder that decodes [default: models/MODEL]") = None,
     out: path_option("PNG of the samples [default: renders/MODEL-prior/prior_samples.png]") = None,
     codes_out: path_option("codes file of the drawn maps [default: data/codes/MODEL-samples.h5]") = None,
+    force: ReplaceOption = False,
 ) -> None:
     """Draw code maps from the prior and decode them: a PNG grid and a codes file `dvae decode` reads."""
     from dvae_cli.stages import sample
 
     code_map_name(model)
     paths = sample.SamplePaths.of(model, prior_dir=prior_dir, model_dir=model_dir, picture=out, codes=codes_out)
-    result = sample.run(params, model, paths)
+    result = sample.run(params, model, paths, force=force)
     per_class = f", {result.count // len(result.classes)} per class" if result.classes else ""
     typer.echo(f"drew {result.count} code maps{per_class} into {result.picture} and {result.codes} "
                f"({result.seconds:.1f} s)", err=True)

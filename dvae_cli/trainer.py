@@ -12,6 +12,7 @@ from __future__ import annotations
 import functools
 import json
 import math
+import sys
 import time
 from collections import defaultdict
 from collections.abc import Iterator
@@ -41,6 +42,7 @@ from dvae_cli.core.files import (
 )
 from dvae_cli.core.progress import progress_bar
 from dvae_cli.core.runtime import Runtime, keep_freed_host_memory, resolve_runtime
+from dvae_cli.formats.artifact import check_replaceable
 from dvae_cli.formats.checkpoint import CHECKPOINT, TrainState, resume, save_checkpoint
 from dvae_cli.models.base import LossOutput, Trainable
 from dvae_cli.params import Params
@@ -61,13 +63,16 @@ class RunFolders:
     model_dir: Path
     live_dir: Path
     inputs: tuple[Path, ...]
+    maker: str
+    """The command that writes the model folder (`formats.artifact`: it replaces only its own)."""
 
     @property
     def checkpoint(self) -> Path:
         return self.model_dir / CHECKPOINT
 
-    def check(self) -> None:
+    def check(self, force: bool) -> None:
         check_output(self.model_dir, list(self.inputs), "--out", folder=True)
+        check_replaceable(self.model_dir, self.maker, "--out", force)
         check_output(self.live_dir, list(self.inputs), "--live", folder=True)
 
 
@@ -262,10 +267,10 @@ def final_metrics(history: list[list[Any]]) -> dict[str, float]:
 
 
 @contextmanager
-def training_run(params: Params, folders: RunFolders) -> Iterator[tuple[Runtime, Cluster]]:
-    """Check the output folders, pick the runtime, join the cluster (under torchrun) and hold the model folder while
-    the stage reads its data and `fit` trains."""
-    folders.check()
+def training_run(params: Params, folders: RunFolders, force: bool = False) -> Iterator[tuple[Runtime, Cluster]]:
+    """Check the output folders (`force`: replace another dvae artifact there), pick the runtime, join the cluster
+    (under torchrun) and hold the model folder while the stage reads its data and `fit` trains."""
+    folders.check(force)
     runtime = resolve_runtime(params.runtime)
     if runtime.device.type == "cpu":
         keep_freed_host_memory()
@@ -352,8 +357,15 @@ def fit(params: Params, folders: RunFolders, job: Job, runtime: Runtime, cluster
                     logger.write_curves()
                 advance(1)
     finally:
-        logger.close()
-        leave_cluster()
+        failing = sys.exc_info()[1] is not None
+        try:
+            logger.close()
+        except Exception:
+            # The first failure is the one to report: on a full disk DVCLive's summary fails after the checkpoint did.
+            if not failing:
+                raise
+        finally:
+            leave_cluster()
 
     metrics = final_metrics(state.history) if cluster.is_main else {}
     if cluster.is_main:

@@ -223,8 +223,11 @@ def test_bad_images_are_user_errors(models, images, fragments):
 
 
 @pytest.mark.parametrize(("family", "latent", "fragments"), [
-    ("vqvae", np.full((2, 8, 8), 16, np.uint8), ["outside 0…15"]),
-    ("vqvae", torch.full((2, 8, 8), -1), ["outside 0…15"]),
+    ("vqvae", np.full((2, 8, 8), 16, np.uint8), ["outside the model's 0…15"]),
+    ("vqvae", torch.full((2, 8, 8), -1), ["outside the model's 0…15"]),
+    ("vqvae", np.full((2, 8, 8), 1.5), ["`codes` are float64, not integer codes"]),
+    ("jointvae", {"continuous_mean": np.full((2, 4), np.nan, np.float32), "discrete": np.zeros((2, 1), np.uint8)},
+     ["`continuous_mean` holds nan at row 0, not a finite number"]),
     ("vqvae", np.zeros((2, 4, 4), np.uint8), ["rows of shape [4, 4]", "makes [8, 8]"]),
     ("vqvae", {"tokens": np.zeros((2, 8, 8), np.uint8)}, ["none of the arrays", "(codes)"]),
     ("jointvae", np.zeros((2, 4), np.float32), ["several arrays", "as a dict"]),

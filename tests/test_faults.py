@@ -4,6 +4,7 @@ wrong, no traceback, and leaves its inputs byte for byte and no output or tempor
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -24,6 +25,7 @@ import torch
 from typer.testing import CliRunner
 
 from dvae_cli.cli import app
+from dvae_cli.core.errors import UserError
 from dvae_cli.core.files import exclusive_lock
 from dvae_cli.trainer import LOCK
 
@@ -45,6 +47,8 @@ def project(trained_project, tmp_path_factory) -> Project:
     for family in ("jointvae", "vqvae"):
         result = invoke(root, "encode", "--model", family)
         assert result.exit_code == 0, result.output
+    result = invoke(root, "prior", "--model", "vqvae", "--set", "prior.width=16", "--set", "prior.layers=1")
+    assert result.exit_code == 0, result.output
     return Project(root)
 
 
@@ -109,6 +113,19 @@ def edit_checkpoint(path: Path, change: Callable[[dict], None]) -> None:
     state = torch.load(path, weights_only=True)
     change(state)
     torch.save(state, path)
+
+
+def overwrite_bytes(path: Path, offset: int, count: int) -> None:
+    with open(path, "r+b") as stream:
+        stream.seek(offset)
+        stream.write(b"\x5a" * count)
+
+
+def write_reference(root: Path, latent_spec: dict) -> None:
+    """A reference-layout model.pt and specs.json under root/ref (the state dict is checked after the specs)."""
+    (root / "ref").mkdir()
+    torch.save({"fc_mean.weight": torch.zeros(1)}, root / "ref" / "model.pt")
+    (root / "ref" / "specs.json").write_text(json.dumps({"dataset": "mnist", "latent_spec": latent_spec}))
 
 
 def reshaped_first_tensor(state: dict) -> None:
@@ -195,6 +212,40 @@ CASES = {
     "params that is a folder": Case(("encode", "-m", "vqvae", "--params", "data", "--out", "c.h5"), ("is a folder",)),
     "params that is binary": Case(("encode", "-m", "vqvae", "--params", "bin.yaml", "--out", "c.h5"),
                                   ("is not text",), lambda root: (root / "bin.yaml").write_bytes(b"\x00\xff\xfe\x01")),
+    "float labels in a VQ-VAE codes file": Case(
+        ("evaluate", "-m", "vqvae", "--out", "m.json"), ("`labels` are float32", VQVAE_CODES),
+        lambda root: edit_h5(root / VQVAE_CODES, replace_array("labels", lambda v: v.astype(np.float32)))),
+    "float labels in a JointVAE codes file": Case(
+        ("evaluate", "-m", "jointvae", "--out", "m.json"), ("`labels` are float64", JOINTVAE_CODES),
+        lambda root: edit_h5(root / JOINTVAE_CODES, replace_array("labels", lambda v: v.astype(np.float64)))),
+    "codes file damaged in its headers": Case(
+        ("decode", VQVAE_CODES, "--rows", "0:64", "--out", "o.png"), ("damaged", VQVAE_CODES),
+        lambda root: overwrite_bytes(root / VQVAE_CODES, 1024, 5 * 1024)),
+    "NaN continuous means": Case(
+        ("decode", JOINTVAE_CODES, "--out", "o.png"), ("`continuous_mean` holds nan at row 0", "not a finite number"),
+        lambda root: edit_h5(root / JOINTVAE_CODES, replace_array("continuous_mean", lambda v: v * np.nan))),
+    "specs.json with 10^9 continuous dimensions": Case(
+        ("import-reference", "ref/model.pt", "--out", "imported"), ("`latent_spec.cont` is 1000000000", "≤ 4096"),
+        lambda root: write_reference(root, {"cont": 10 ** 9})),
+    "specs.json with 10^9 categories": Case(
+        ("import-reference", "ref/model.pt", "--out", "imported"), ("`latent_spec.disc[0]` is 1000000000",),
+        lambda root: write_reference(root, {"cont": 2, "disc": [10 ** 9]})),
+    "top-k above K": Case(("sample", "-m", "vqvae", "--top-k", "17", "--out", "s.png", "--codes-out", "s.h5"),
+                          ("top_k (--top-k) is 17", "models 16 codes")),
+    "encode under /proc": Case(("encode", "-m", "vqvae", "--out", "/proc/codes.h5"),
+                               ("/proc/codes.h5", "no such file or directory")),
+    "sample under /proc": Case(("sample", "-m", "vqvae", "--out", "/proc/x.png"), ("/proc/x.png", "no such file")),
+    # One rule for outputs that exist: a command replaces what it wrote itself, another command's only with --force.
+    "sample over the encoded codes": Case(("sample", "-m", "vqvae", "--codes-out", VQVAE_CODES),
+                                          ("is a codes file written by `dvae encode`", "--force")),
+    "decode over the dataset": Case(("decode", VQVAE_CODES, "--out", DATASET),
+                                    ("is a dataset file written by `dvae prepare-data`", "--force")),
+    "prepare-data over a codes file": Case(("prepare-data", "--out", JOINTVAE_CODES),
+                                           ("is a codes file written by `dvae encode`",)),
+    "train into the prior's folder": Case(("train", "-m", "vqvae", "--out", "models/vqvae-prior", "--live", "l"),
+                                          ("is a prior folder written by `dvae prior`",)),
+    "prior into a model folder": Case(("prior", "-m", "vqvae", "--out", "models/jointvae"),
+                                      ("is a model folder written by `dvae train`",)),
 }
 
 
@@ -217,6 +268,35 @@ def test_force_takes_weights_config_json_does_not_name(project, tmp_path):
     result = invoke(root, "evaluate", "-m", "vqvae", "--out", "m.json", "--force")
     assert result.exit_code == 0, result.output
     assert (root / "m.json").exists()
+
+
+def test_force_replaces_another_commands_file_and_a_command_its_own(project, tmp_path):
+    root = tmp_path / "project"
+    shutil.copytree(project.root, root)
+    assert invoke(root, "prepare-data", "--out", "again.h5").exit_code == 0
+    assert invoke(root, "prepare-data", "--out", "again.h5").exit_code == 0  # its own file: replaced as before
+    result = invoke(root, "sample", "-m", "vqvae", "--codes-out", VQVAE_CODES, "--force")
+    assert result.exit_code == 0, result.output
+    with h5py.File(root / VQVAE_CODES) as codes:
+        assert codes.attrs["written_by"] == "dvae sample"
+
+
+def test_a_full_disk_in_training_reports_the_first_refusal(project, tmp_path, monkeypatch):
+    """The checkpoint cannot be written; DVCLive's summary then fails the same way, and is not the error reported."""
+    def no_space(*_args, **_kwargs):
+        raise UserError("cannot write models/vqvae/checkpoint.pt: no space left on the device; free some space and "
+                        "run the command again")
+
+    def summary_fails(*_args, **_kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    root = tmp_path / "project"
+    shutil.copytree(project.root, root)
+    monkeypatch.setattr("dvae_cli.trainer.save_checkpoint", no_space)
+    monkeypatch.setattr("dvae_cli.trainer.Logger.close", summary_fails)
+    result = invoke(root, "train", "-m", "vqvae", "--epochs", "3", "--out", "fresh", "--live", "fresh-live")
+    assert_one_line_error(result.exit_code, result.stderr, "cannot write models/vqvae/checkpoint.pt", "no space")
+    assert not (root / "fresh").exists() and not (root / "fresh-live").exists()
 
 
 def test_a_second_training_of_a_folder_is_refused_and_a_dead_holders_lock_taken_over(project, tmp_path):

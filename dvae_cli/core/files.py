@@ -111,7 +111,8 @@ def refused_write(path: Path, error: BaseException, written: Path | None = None)
         size = written.stat().st_size if written is not None and written.is_file() else 0
         if limit != resource.RLIM_INFINITY and size + LOW_SPACE_BYTES > limit:
             code = errno.EFBIG
-        elif path.parent.is_dir() and shutil.disk_usage(path.parent).free < LOW_SPACE_BYTES:
+        elif path.parent.is_dir() and 0 < shutil.disk_usage(path.parent).total and \
+                shutil.disk_usage(path.parent).free < LOW_SPACE_BYTES:  # pseudo filesystems (/proc) have no size
             code = errno.ENOSPC
     if code not in REFUSED_WRITES:
         return None
@@ -230,6 +231,23 @@ def check_output(out: Path, inputs: Iterable[Path], option: str = "--out", folde
     for parent in out.parents:
         if parent.exists() and not parent.is_dir():
             raise UserError(f"{option} {out} lies under {parent}, which is a file; choose another path")
+    _check_creatable(out, option)
+
+
+def _check_creatable(out: Path, option: str) -> None:
+    """Refuse, before any work, an output where nothing can be created (a pseudo or read-only filesystem, no
+    permission), by creating and removing a probe file in the nearest existing folder on its way."""
+    folder = next(parent for parent in out.parents if parent.is_dir())
+    probe = folder / f".dvae-probe.tmp-{os.getpid()}"
+    try:
+        os.close(os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644))
+    except OSError as error:
+        failure = refused_write(out, error)
+        if failure is not None:
+            raise failure from None
+        raise UserError(f"{option} {out}: nothing can be created in {folder} ({error.strerror.lower()}); choose "
+                        "a folder you can write to") from None
+    probe.unlink()
 
 
 @contextmanager

@@ -81,7 +81,7 @@ def read_checkpoint(path: Path, family: str) -> dict[str, Any]:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError:
         raise UserError(f"checkpoint {path} carries pickled code or objects, refusing to load it; {fix}") from None
-    except (RuntimeError, EOFError, OSError, zipfile.BadZipFile, ValueError):
+    except Exception:  # damaged bytes raise many types (RuntimeError, EOFError, TypeError from a storage record, ...)
         raise UserError(f"checkpoint {path} is truncated or damaged; {fix}") from None
     if not isinstance(state, dict) or state.get("format") != FORMAT:
         raise UserError(f"{path} is not a dvae checkpoint; {fix}")
@@ -125,7 +125,7 @@ def resume(state: TrainState, path: Path, total_steps: int, restart_on_mismatch:
     else:
         try:
             state.restore(saved)
-        except (RuntimeError, KeyError, ValueError, TypeError, IndexError):
+        except (RuntimeError, KeyError, ValueError, TypeError, IndexError, AttributeError):
             raise UserError(f"checkpoint {path} does not fit this {state.family} model (tensors of other shapes or "
                             "missing entries: damaged or edited); delete it or pass --restart to start over") from None
         return

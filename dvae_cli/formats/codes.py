@@ -47,6 +47,8 @@ from dvae_cli.models import FAMILIES, DiscreteVAE
 FORMAT = "dvae-codes"
 FORMAT_VERSION = 2
 CODES_MAKER = "dvae encode"
+WRITTEN_BY = "written_by"
+"""The attribute naming the command that wrote a codes file, where it is not `CODES_MAKER` (`dvae sample`)."""
 ROWS_PER_CHUNK = 1024
 CHUNK_BYTES = 1 << 20
 """Chunks hold ROWS_PER_CHUNK rows, fewer when those would pass this size (large code maps)."""
@@ -180,6 +182,7 @@ class CodesHeader:
     """fp32 | bf16 | fp16: the autocast the codes were encoded under."""
     latent_attributes: dict[str, object]
     """The model's `latent_attributes()` (latent shape, K and D, or the latent spec)."""
+    written_by: str = CODES_MAKER
 
 
 def new_codes_file(path: Path) -> h5py.File:
@@ -215,6 +218,8 @@ def create_codes_file(file: h5py.File, header: CodesHeader, copied: dict[str, np
     attrs["model_arrays"] = json.dumps(list(model_arrays))
     attrs["precision"] = header.precision
     attrs["dvae_version"] = __version__
+    if header.written_by != CODES_MAKER:
+        attrs[WRITTEN_BY] = header.written_by
     for key, value in header.latent_attributes.items():
         attrs[key] = _attribute(value)
     for name, tensor in model_arrays.items():
@@ -274,9 +279,12 @@ class CodesFile:
     def _read_model_arrays(self) -> dict[str, np.ndarray]:
         try:
             names = json.loads(self.file.attrs["model_arrays"])
-            return {str(name): np.asarray(self.file.attrs[name]) for name in names}
+            arrays = {str(name): np.asarray(self.file.attrs[name]) for name in names}
         except (KeyError, ValueError, TypeError):
             raise self._damaged() from None
+        if any(array.dtype.kind not in "fiu" for array in arrays.values()):
+            raise self._damaged()
+        return arrays
 
     def _validate(self, family: str | None) -> tuple[list[str], DatasetInfo]:
         broken = self._damaged()
@@ -286,7 +294,7 @@ class CodesFile:
             found = str(self.attrs["model"])
             names = [str(name) for name in json.loads(self.attrs["latent_arrays"])]
             info = DatasetInfo.from_fields(json.loads(self.attrs["dataset_info"]))
-        except (KeyError, ValueError, TypeError):
+        except (KeyError, ValueError, TypeError, AttributeError):
             raise broken from None
         if found not in FAMILIES:
             raise UserError(f"{self.path} holds codes of unknown model family {found!r}; re-run `dvae encode`")
@@ -299,6 +307,10 @@ class CodesFile:
         copied = [*self.dataset_row_names(), *([SOURCE_PATHS] if SOURCE_PATHS in self.file else [])]
         if any(self.file[name].shape[0] != num_rows for name in (*names, *copied)):
             raise broken
+        for name in ("labels", "factor_classes"):
+            if name in self.file and self.file[name].dtype.kind not in "iu":
+                raise UserError(f"{self.path}: `{name}` are {self.file[name].dtype}, not integers; re-create the file "
+                                f"with `{CODES_MAKER}`")
         return names, info
 
     @property

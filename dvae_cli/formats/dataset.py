@@ -150,21 +150,34 @@ class DatasetFile:
         self.path = Path(path)
         self.file = open_hdf5(self.path, FORMAT, FORMAT_VERSION, "dataset", DATASET_MAKER)
         try:
-            self.info, self.num_images = self._validate()
             with unreadable_is_damaged(self.path, DATASET_MAKER):
+                self.info, self.num_images = self._validate()
                 self.split = self.file["split"][:]
                 self.labels = self.file["labels"][:] if "labels" in self.file else None
                 self.factors = self.file["factors"][:] if "factors" in self.file else None
                 self.factor_classes = self.file["factor_classes"][:] if "factor_classes" in self.file else None
-                self.params = json.loads(self.file.attrs.get("params", "{}"))
+                self.params = self._produced_by()
         except BaseException:
             self.file.close()
             raise
 
+    def _produced_by(self) -> dict[str, Any]:
+        """The `params` attribute: what made the file (prepare-data's params, or decode's provenance)."""
+        try:
+            produced = json.loads(self.file.attrs.get("params", "{}"))
+        except (TypeError, ValueError):
+            produced = None
+        if not isinstance(produced, dict):
+            raise UserError(f"{self.path} is an incomplete or damaged dataset file (its `params` attribute); re-run "
+                            "`dvae prepare-data`")
+        return produced
+
     def _validate(self) -> tuple[DatasetInfo, int]:
         file, path = self.file, self.path
         broken = UserError(f"{path} is an incomplete or damaged dataset file; re-run `dvae prepare-data`")
-        if "images" not in file or "split" not in file:
+        arrays = [name for name in ("images", "split", *ROW_ARRAYS, SOURCE_PATHS) if name in file]
+        if "images" not in arrays or "split" not in arrays or \
+                any(not isinstance(file[name], h5py.Dataset) for name in arrays):
             raise broken
         images = file["images"]
         attrs = file.attrs
@@ -174,7 +187,7 @@ class DatasetFile:
                 num_classes=int(attrs["num_classes"]), class_names=tuple(json.loads(attrs["class_names"])),
                 factor_names=tuple(json.loads(attrs["factor_names"])),
                 factor_sizes=tuple(json.loads(attrs["factor_sizes"])))
-        except (KeyError, ValueError, TypeError):
+        except (KeyError, ValueError, TypeError, OverflowError):
             raise broken from None
         n = images.shape[0]
         expected = (n, info.channels, info.image_size, info.image_size)
@@ -258,16 +271,19 @@ def open_hdf5(path: Path, expected_format: str, expected_version: int, what: str
         file = h5py.File(path, "r")
     except OSError:
         raise UserError(f"{path} is not a readable HDF5 file (truncated or not HDF5); re-create it with `{maker}`") from None
-    found = file.attrs.get("format")
-    if found != expected_format:
+    try:
+        with unreadable_is_damaged(path, maker):  # damage in the file's headers shows when its attributes are read
+            found = file.attrs.get("format")
+            if not isinstance(found, str) or found != expected_format:
+                described = f"format {found!r}" if found is not None else "no dvae format attribute"
+                raise UserError(f"{path} is not a dvae {what} file ({described}); pass a file made by `{maker}`")
+            version = file.attrs.get("format_version", -1)
+            if not isinstance(version, int | np.integer) or version != expected_version:
+                raise UserError(f"{path} has {what} format version {version}, this dvae reads version "
+                                f"{expected_version}; re-create it with `{maker}`")
+    except BaseException:
         file.close()
-        described = f"format {found!r}" if found is not None else "no dvae format attribute"
-        raise UserError(f"{path} is not a dvae {what} file ({described}); pass a file made by `{maker}`")
-    version = int(file.attrs.get("format_version", -1))
-    if version != expected_version:
-        file.close()
-        raise UserError(f"{path} has {what} format version {version}, this dvae reads version {expected_version}; "
-                        f"re-create it with `{maker}`")
+        raise
     return file
 
 

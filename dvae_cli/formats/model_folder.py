@@ -109,8 +109,8 @@ def load_model(folder: Path, family: str | None = None, device: torch.device | s
     if record.get("prior_of") is not None:
         raise UserError(f"{folder} holds a prior over {record['prior_of']} codes, not a model; pass the model folder "
                         f"(models/{record['prior_of']})")
-    if found_family not in FAMILIES:
-        raise UserError(f"{config_path} names unknown model family {found_family!r}")
+    if not isinstance(found_family, str) or found_family not in FAMILIES:
+        raise UserError(f"{config_path} names unknown model family {found_family!r}; re-create it with `dvae train`")
     if family is not None and found_family != family:
         raise UserError(f"{folder} holds a {found_family} model, not {family}; pass the {family} model folder")
     for section in ("model", "data"):

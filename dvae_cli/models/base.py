@@ -97,7 +97,7 @@ class DiscreteVAE(Trainable):
 
     def code_value_counts(self) -> dict[str, int | tuple[int, ...]]:
         """How many values (0 … count − 1) each integer array of `encode` takes: one count, or one per position of
-        the array's last axis. The codes file picks its dtype from them; `out_of_range_codes` checks stored codes."""
+        the array's last axis. The codes file picks its dtype from them; `invalid_latent` checks stored codes."""
         return {}
 
     def class_warnings(self, num_classes: int) -> list[str]:
@@ -129,16 +129,24 @@ class Family:
     """The `encode` array holding an integer code map [h, w] that `dvae prior` can model (None: the family has none)."""
 
 
-def out_of_range_codes(model: DiscreteVAE, latent: Mapping[str, np.ndarray | Tensor]) -> str | None:
-    """The first integer array of `latent` holding a value the model does not have, described; None when all fit."""
-    for name, counts in model.code_value_counts().items():
-        values = latent.get(name)
-        if values is None or not len(values):
-            continue
+def invalid_latent(model: DiscreteVAE, latent: Mapping[str, np.ndarray | Tensor]) -> str | None:
+    """The first array of `latent` the model cannot decode, described: integer codes that are no integers or lie
+    outside the values the model has, floating values that are not finite; None when all fit."""
+    counts = model.code_value_counts()
+    for name, values in latent.items():
         values = values.cpu().numpy() if isinstance(values, Tensor) else np.asarray(values)
-        limits = np.broadcast_to(np.asarray(counts), values.shape)
-        wrong = (values < 0) | (values >= limits)
-        if wrong.any():
-            where = np.argwhere(wrong)[0]
-            return f"`{name}` holds {values[tuple(where)]} at row {where[0]}, outside 0…{limits[tuple(where)] - 1}"
+        if not len(values):
+            continue
+        if name in counts and values.dtype.kind not in "iu":
+            return f"`{name}` are {values.dtype}, not integer codes"
+        if name in counts:
+            limits = np.broadcast_to(np.asarray(counts[name]), values.shape)
+            wrong = (values < 0) | (values >= limits)
+            if wrong.any():
+                where = np.argwhere(wrong)[0]
+                return (f"`{name}` holds {values[tuple(where)]} at row {where[0]}, outside the model's "
+                        f"0…{limits[tuple(where)] - 1}")
+        elif values.dtype.kind == "f" and not np.isfinite(values).all():
+            where = np.argwhere(~np.isfinite(values))[0]
+            return f"`{name}` holds {values[tuple(where)]} at row {where[0]}, not a finite number"
     return None

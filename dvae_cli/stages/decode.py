@@ -18,11 +18,12 @@ from dvae_cli.core.images import save_png, square_grid, to_uint8
 from dvae_cli.core.progress import Advance, progress_bar
 from dvae_cli.core.runtime import Runtime, resolve_runtime
 from dvae_cli.core.tensors import as_tensor
+from dvae_cli.formats.artifact import check_replaceable
 from dvae_cli.formats.codes import CodesFile
 from dvae_cli.formats.dataset import DatasetChunk, DatasetWriter
 from dvae_cli.formats.model_folder import WEIGHTS, LoadedModel, load_model, model_files
 from dvae_cli.models import DiscreteVAE
-from dvae_cli.models.base import out_of_range_codes
+from dvae_cli.models.base import invalid_latent
 from dvae_cli.params import Params
 
 DECODE_ROWS = 64
@@ -87,8 +88,8 @@ def decode_batches(model: DiscreteVAE, codes: CodesFile, rows: range, batch_size
     for start in range(rows.start, rows.stop, batch_size):
         batch_rows = range(start, min(start + batch_size, rows.stop))
         stored = codes.read_rows(batch_rows.start, batch_rows.stop, codes.latent_names)
-        if wrong := out_of_range_codes(model, stored):
-            raise UserError(f"{codes.path}: {wrong}, the range of the model; re-create it with `dvae encode`")
+        if wrong := invalid_latent(model, stored):
+            raise UserError(f"{codes.path}: {wrong}; re-create it with `dvae encode`")
         latent = {name: as_tensor(values).to(runtime.device) for name, values in stored.items()}
         with runtime.autocast():
             images = model.decode(latent)
@@ -136,6 +137,7 @@ def run(params: Params, paths: DecodePaths, rows_text: str | None = None, force:
         rows = parse_rows(rows_text, len(codes))
         folder = paths.model_dir or codes.model_dir
         check_output(out, [codes_path, *model_files(folder)])
+        check_replaceable(out, "dvae decode", "--out", force)
         loaded = load_model(folder, codes.family, runtime.device, force=force)
         weights_match = check_model_matches(codes, loaded, folder, force)
         batches = decode_batches(runtime.prepare(loaded.model), codes, rows, params.encode.batch_size, runtime)

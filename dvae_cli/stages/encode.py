@@ -35,7 +35,9 @@ from dvae_cli.core.files import (
 )
 from dvae_cli.core.progress import Advance, progress_bar
 from dvae_cli.core.runtime import Runtime, resolve_runtime
+from dvae_cli.formats.artifact import check_replaceable
 from dvae_cli.formats.codes import (
+    CODES_MAKER,
     PRECISION_NAMES,
     ArraySpec,
     ChunkedRowWriter,
@@ -231,6 +233,7 @@ def run(params: Params, family: str, paths: EncodePaths, show_progress: bool = T
     """
     started = time.perf_counter()
     check_output(paths.out, [paths.dataset, *model_files(paths.model_dir)])
+    check_replaceable(paths.out, CODES_MAKER, "--out", force)
     runtime = resolve_runtime(params.runtime)
     cluster = join_cluster(runtime.device)
     try:

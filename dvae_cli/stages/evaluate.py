@@ -27,7 +27,7 @@ from dvae_cli.formats.codes import CodesFile
 from dvae_cli.formats.dataset import DatasetFile
 from dvae_cli.formats.model_folder import LoadedModel, load_model, model_files
 from dvae_cli.models import get_family
-from dvae_cli.models.base import out_of_range_codes
+from dvae_cli.models.base import invalid_latent
 from dvae_cli.params import Params
 from dvae_cli.scoring.evaluation import (
     Evaluation,
@@ -98,8 +98,8 @@ def run(params: Params, family: str, paths: EvaluatePaths, show_progress: bool =
         split = dataset.evaluation_split()
         rows = dataset.indices(split)
         latent = {name: codes.read_at(name, rows) for name in codes.latent_names}
-        if wrong := out_of_range_codes(loaded.model, latent):
-            raise UserError(f"{paths.codes}: {wrong}, the range of the model; re-create it with "
+        if wrong := invalid_latent(loaded.model, latent):
+            raise UserError(f"{paths.codes}: {wrong}; re-create it with "
                             f"`dvae encode --model {family}`")
         seconds: dict[str, float] = {}
         with timed(seconds, "reconstruction"), \

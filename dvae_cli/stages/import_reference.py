@@ -22,6 +22,7 @@ import torch
 from dvae_cli.core import layout
 from dvae_cli.core.errors import UserError
 from dvae_cli.core.files import atomic_path, check_output, sha256_file
+from dvae_cli.core.schema import build
 from dvae_cli.formats.model_folder import save_model
 from dvae_cli.models.base import DataShape
 from dvae_cli.models.jointvae import FAMILY
@@ -131,7 +132,24 @@ def read_specs(path: Path, base: JointVAEConfig) -> ReferenceSpecs:
     if "temperature" in specs:
         changes["temperature"] = _number(path, "temperature", specs["temperature"], strict=True)
     channels, side = DATASET_SHAPES[dataset]
-    return ReferenceSpecs(dataset, dataclasses.replace(base, **changes), DataShape(channels, side), notes, specs)
+    config = checked_config(path, dataclasses.replace(base, **changes))
+    return ReferenceSpecs(dataset, config, DataShape(channels, side), notes, specs)
+
+
+SPECS_KEYS = {"continuous": "latent_spec.cont", "discrete": "latent_spec.disc", "lr": "lr", "batch_size": "batch_size",
+              "temperature": "temperature", "cont_capacity": "cont_capacity", "disc_capacity": "disc_capacity"}
+"""The config's fields that specs.json sets → its keys."""
+
+
+def checked_config(path: Path, config: JointVAEConfig) -> JointVAEConfig:
+    """`config` within the bounds params and config.json are held to (so specs.json cannot ask for terabytes)."""
+    try:
+        return build(JointVAEConfig, dataclasses.asdict(config), FAMILY.name)
+    except UserError as error:
+        detail = str(error).removeprefix("params: ")
+        for field, key in SPECS_KEYS.items():
+            detail = detail.replace(f"`{FAMILY.name}.{field}", f"`{key}")
+        raise UserError(f"{path}: {detail}; pass the specs.json saved beside model.pt") from None
 
 
 def read_state_dict(path: Path) -> Mapping[str, torch.Tensor]:

@@ -13,7 +13,8 @@ from dvae_cli.core.errors import UserError
 from dvae_cli.core.files import atomic_path, check_output
 from dvae_cli.core.progress import progress_bar
 from dvae_cli.core.splits import SPLIT_NAMES, TEST, TRAIN, VAL
-from dvae_cli.formats.dataset import DatasetInfo, DatasetWriter
+from dvae_cli.formats.artifact import check_replaceable
+from dvae_cli.formats.dataset import DATASET_MAKER, DatasetInfo, DatasetWriter
 from dvae_cli.params import Params
 from dvae_cli.sources import open_source
 
@@ -100,11 +101,13 @@ class PreparePaths:
         return layout.fill(cls, given, out=layout.DATASET)
 
 
-def run(params: Params, paths: PreparePaths, show_progress: bool = True) -> PrepareSummary:
-    """Read the source's rows (subset, split) into the dataset file, atomically."""
+def run(params: Params, paths: PreparePaths, show_progress: bool = True, force: bool = False) -> PrepareSummary:
+    """Read the source's rows (subset, split) into the dataset file, atomically (`force`: replacing another dvae
+    artifact there)."""
     started = time.perf_counter()
     out = paths.out
     check_output(out, [Path(params.data.root)] if params.data.root else [])
+    check_replaceable(out, DATASET_MAKER, "--out", force)
     source = open_source(params.data)
     subset_rng, split_rng = (np.random.default_rng(seed) for seed in np.random.SeedSequence(params.seed).spawn(2))
     rows = select_subset(len(source), params.data.subset, subset_rng)

@@ -22,7 +22,7 @@ from dvae_cli.core.splits import SPLIT_NAMES, TEST, TRAIN, VAL, evaluation_split
 from dvae_cli.formats.codes import CodesFile
 from dvae_cli.formats.model_folder import load_model, save_prior
 from dvae_cli.models import code_map_name
-from dvae_cli.models.base import Trainable, out_of_range_codes
+from dvae_cli.models.base import Trainable, invalid_latent
 from dvae_cli.models.prior import PRIOR, CodeMaps, CodePrior, training_rows
 from dvae_cli.params import Params
 from dvae_cli.trainer import RunFolders, TrainResult, fit, training_run
@@ -45,7 +45,7 @@ class PriorPaths:
 
     @property
     def folders(self) -> RunFolders:
-        return RunFolders(self.out, self.live_dir, inputs=(self.codes, self.model_dir))
+        return RunFolders(self.out, self.live_dir, inputs=(self.codes, self.model_dir), maker="dvae prior")
 
 
 @dataclass(frozen=True)
@@ -71,7 +71,7 @@ def read_code_maps(codes_path: Path, model_dir: Path, family: str, conditional: 
         info = codes.dataset_info
         split = codes.split
         attrs = codes.attrs
-    wrong = out_of_range_codes(loaded.model, {code_map: arrays[code_map]})
+    wrong = invalid_latent(loaded.model, {code_map: arrays[code_map]})
     if wrong:
         raise UserError(f"{codes_path}: {wrong} (damaged or edited); re-run `dvae encode --model {family}`")
     if conditional and "labels" not in arrays:
@@ -138,10 +138,10 @@ class PriorTraining:
 
 
 def run(params: Params, family: str, paths: PriorPaths, restart: bool = False, restart_on_mismatch: bool = False,
-        show_progress: bool = True) -> TrainResult:
+        show_progress: bool = True, force: bool = False) -> TrainResult:
     """Train the prior over the code maps of `family`'s codes file, from its checkpoint when one fits."""
     check_output(paths.metrics, [paths.codes], "--metrics")
-    with training_run(params, paths.folders) as (runtime, cluster):
+    with training_run(params, paths.folders, force) as (runtime, cluster):
         data = read_code_maps(paths.codes, paths.model_dir, family, params.model_config(PRIOR.name).conditional)
         job = PriorTraining(params, family, paths, data, runtime)
         return fit(params, paths.folders, job, runtime, cluster, restart, restart_on_mismatch, show_progress)

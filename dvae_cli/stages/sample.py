@@ -12,10 +12,12 @@ import torch
 from PIL import Image
 
 from dvae_cli.core import layout
+from dvae_cli.core.errors import UserError
 from dvae_cli.core.files import atomic_path, check_output
 from dvae_cli.core.images import as_tiles, grid_image, labelled_grid, save_png
 from dvae_cli.core.runtime import resolve_runtime
 from dvae_cli.core.splits import TEST
+from dvae_cli.formats.artifact import check_replaceable
 from dvae_cli.formats.codes import (
     PRECISION_NAMES,
     CodesHeader,
@@ -29,6 +31,7 @@ from dvae_cli.models.prior import PRIOR, CodeMaps, start_tokens
 from dvae_cli.params import Params
 
 DECODE_BATCH = 256
+SAMPLE_MAKER = "dvae sample"
 
 
 @dataclass(frozen=True)
@@ -61,18 +64,23 @@ def sample_labels(maps: CodeMaps, count: int) -> np.ndarray | None:
     return np.arange(count, dtype=np.int64) * maps.num_classes // count
 
 
-def run(params: Params, family: str, paths: SamplePaths) -> SampleResult:
-    """Draw code maps from the prior, decode them with the model, and write the picture and the codes file."""
+def run(params: Params, family: str, paths: SamplePaths, force: bool = False) -> SampleResult:
+    """Draw code maps from the prior, decode them with the model, and write the picture and the codes file (`force`:
+    replacing another dvae artifact there)."""
     started = time.perf_counter()
     settings = params.model_config(PRIOR.name).sample
     inputs = [*model_files(paths.prior_dir), *model_files(paths.model_dir)]
     check_output(paths.picture, inputs, "--out")
     check_output(paths.codes, inputs, "--codes-out")
+    check_replaceable(paths.codes, SAMPLE_MAKER, "--codes-out", force)
     runtime = resolve_runtime(params.runtime)
     prior = load_prior(paths.prior_dir, family, runtime.device)
     loaded = load_model(paths.model_dir, family, runtime.device)
     prior.check_model(loaded.model, paths.model_dir)
     maps = prior.maps
+    if settings.top_k is not None and settings.top_k > maps.num_codes:
+        raise UserError(f"prior.sample.top_k (--top-k) is {settings.top_k} but the prior in {paths.prior_dir} models "
+                        f"{maps.num_codes} codes; choose 1 to {maps.num_codes}, or null for all")
     labels = sample_labels(maps, settings.count)
     generator = torch.Generator().manual_seed(params.seed)
     uniforms = torch.rand(settings.count, maps.length, generator=generator, dtype=torch.float64).float()
@@ -94,7 +102,7 @@ def run(params: Params, family: str, paths: SamplePaths) -> SampleResult:
     header = CodesHeader(family=family, model_dir=paths.model_dir, weights_sha256=loaded.weights_sha256,
                          dataset=Path(prior.record["dataset"]), dataset_sha256=prior.record["dataset_sha256"],
                          dataset_info=info, precision=PRECISION_NAMES[runtime.autocast_dtype],
-                         latent_attributes=loaded.model.latent_attributes())
+                         latent_attributes=loaded.model.latent_attributes(), written_by=SAMPLE_MAKER)
     copied = {"split": np.full(settings.count, TEST, dtype=np.uint8)}
     if labels is not None:
         copied["labels"] = labels

@@ -63,7 +63,7 @@ class TrainPaths:
 
     @property
     def folders(self) -> RunFolders:
-        return RunFolders(self.model_dir, self.live_dir, inputs=(self.dataset,))
+        return RunFolders(self.model_dir, self.live_dir, inputs=(self.dataset,), maker="dvae train")
 
 
 @dataclass(frozen=True)
@@ -177,9 +177,10 @@ class ImageTraining:
 
 
 def run(params: Params, family: str, paths: TrainPaths, restart: bool = False, restart_on_mismatch: bool = False,
-        show_progress: bool = True) -> TrainResult:
-    """Train `family` on the dataset, from its checkpoint when one fits, into the model folder."""
-    with training_run(params, paths.folders) as (runtime, cluster):
+        show_progress: bool = True, force: bool = False) -> TrainResult:
+    """Train `family` on the dataset, from its checkpoint when one fits, into the model folder (`force`: replacing
+    another dvae artifact there)."""
+    with training_run(params, paths.folders, force) as (runtime, cluster):
         eval_seed = params.seed if params.train.eval_every and cluster.is_main else None
         data = load_training_data(paths.dataset, runtime, eval_seed)
         job = ImageTraining(params, family, paths.model_dir, data, runtime, cluster.is_main)
