@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import importlib.util
 import struct
-from collections.abc import Callable
+import sys
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 import numpy as np
@@ -165,3 +169,21 @@ def trained_project(tmp_path_factory: pytest.TempPathFactory) -> TrainedProject:
         train.run(params, family, TrainPaths(dataset, root / "models" / family, root / "dvclive" / family),
                   show_progress=False)
     return TrainedProject(root=root, params_path=params_path, dataset=dataset)
+
+
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+@contextmanager
+def benchmark_module(name: str) -> Iterator[ModuleType]:
+    """benchmarks/NAME.py imported as a module, its peers importable by name as when it runs as a script."""
+    sys.path.insert(0, str(BENCHMARKS))
+    spec = importlib.util.spec_from_file_location(f"{name}_benchmark", BENCHMARKS / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there
+    try:
+        spec.loader.exec_module(module)
+        yield module
+    finally:
+        del sys.modules[spec.name]
+        sys.path.remove(str(BENCHMARKS))

@@ -1,7 +1,6 @@
 """benchmarks/digits.py: the packaged digits as an image folder with a held-out split stratified by class, the
 confusion it draws, and the one-line refusal without its extra."""
 
-import importlib.util
 import subprocess
 import sys
 from pathlib import Path
@@ -11,20 +10,15 @@ import pytest
 
 from dvae_cli.sources import DataConfig
 from dvae_cli.sources.folder import FolderSource
+from tests.conftest import benchmark_module
 
 SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "digits.py"
 
 
 @pytest.fixture(scope="module")
 def digits_script():
-    sys.path.insert(0, str(SCRIPT.parent))  # as when run as a script: its peers import by name
-    spec = importlib.util.spec_from_file_location("digits_benchmark", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up there
-    spec.loader.exec_module(module)
-    yield module
-    del sys.modules[spec.name]
-    sys.path.remove(str(SCRIPT.parent))
+    with benchmark_module("digits") as module:
+        yield module
 
 
 def test_eight_by_eight_digits_become_a_stratified_train_and_test_folder(tmp_path, digits_script):

@@ -2,25 +2,17 @@
 prior folder, checkpoint, params or specs.json is read as the commands read it, or refused with one UserError;
 never another exception, a hang, or a change to the file read."""
 
-import importlib.util
-import sys
-from pathlib import Path
-
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "fuzz_readers.py"
+from tests.conftest import benchmark_module
 
 
 @pytest.fixture(scope="module")
 def fuzz():
-    spec = importlib.util.spec_from_file_location("fuzz_readers_benchmark", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up there
-    spec.loader.exec_module(module)
-    yield module
-    del sys.modules[spec.name]
+    with benchmark_module("fuzz_readers") as module:
+        yield module
 
 
 @pytest.fixture(scope="module")
