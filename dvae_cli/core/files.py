@@ -111,9 +111,10 @@ def refused_write(path: Path, error: BaseException, written: Path | None = None)
         size = written.stat().st_size if written is not None and written.is_file() else 0
         if limit != resource.RLIM_INFINITY and size + LOW_SPACE_BYTES > limit:
             code = errno.EFBIG
-        elif path.parent.is_dir() and 0 < shutil.disk_usage(path.parent).total and \
-                shutil.disk_usage(path.parent).free < LOW_SPACE_BYTES:  # pseudo filesystems (/proc) have no size
-            code = errno.ENOSPC
+        elif path.parent.is_dir():
+            usage = shutil.disk_usage(path.parent)
+            if 0 < usage.total and usage.free < LOW_SPACE_BYTES:  # pseudo filesystems (/proc) have no size
+                code = errno.ENOSPC
     if code not in REFUSED_WRITES:
         return None
     fix = {errno.ENOSPC: "free some space", errno.EDQUOT: "free some space",

@@ -13,6 +13,11 @@ import h5py
 from dvae_cli.core.errors import UserError
 from dvae_cli.formats import codes, dataset
 from dvae_cli.formats.model_folder import CONFIG
+from dvae_cli.models.prior import PRIOR
+
+TRAIN_MAKER, PRIOR_MAKER = "dvae train", "dvae prior"
+REFERENCE_MAKER, DECODE_MAKER = "dvae import-reference", "dvae decode"
+"""The commands that write model folders, prior folders and dataset-format files besides prepare-data."""
 
 
 @dataclass(frozen=True)
@@ -29,15 +34,15 @@ def identify(path: Path) -> Artifact | None:
     try:
         if path.is_dir() and (path / CONFIG).is_file():
             record = json.loads((path / CONFIG).read_text())
-            if record.get("family") == "prior":
-                return Artifact("prior folder", "dvae prior")
-            return Artifact("model folder", "dvae import-reference" if "reference" in record else "dvae train")
+            if record.get("family") == PRIOR.name:
+                return Artifact("prior folder", PRIOR_MAKER)
+            return Artifact("model folder", REFERENCE_MAKER if "reference" in record else TRAIN_MAKER)
         if path.is_file() and h5py.is_hdf5(path):
             with h5py.File(path, "r") as file:
                 found = file.attrs.get("format")
                 if found == dataset.FORMAT:
                     made = json.loads(file.attrs.get("params", "{}"))
-                    return Artifact("dataset file", "dvae decode" if "decoded_from" in made else dataset.DATASET_MAKER)
+                    return Artifact("dataset file", DECODE_MAKER if "decoded_from" in made else dataset.DATASET_MAKER)
                 if found == codes.FORMAT:
                     return Artifact("codes file", str(file.attrs.get(codes.WRITTEN_BY, codes.CODES_MAKER)))
     except (OSError, ValueError, TypeError, KeyError, AttributeError):

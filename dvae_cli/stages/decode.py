@@ -18,7 +18,7 @@ from dvae_cli.core.images import save_png, square_grid, to_uint8
 from dvae_cli.core.progress import Advance, progress_bar
 from dvae_cli.core.runtime import Runtime, resolve_runtime
 from dvae_cli.core.tensors import as_tensor
-from dvae_cli.formats.artifact import check_replaceable
+from dvae_cli.formats.artifact import DECODE_MAKER, check_replaceable
 from dvae_cli.formats.codes import CodesFile
 from dvae_cli.formats.dataset import DatasetChunk, DatasetWriter
 from dvae_cli.formats.model_folder import WEIGHTS, LoadedModel, load_model, model_files
@@ -137,7 +137,7 @@ def run(params: Params, paths: DecodePaths, rows_text: str | None = None, force:
         rows = parse_rows(rows_text, len(codes))
         folder = paths.model_dir or codes.model_dir
         check_output(out, [codes_path, *model_files(folder)])
-        check_replaceable(out, "dvae decode", "--out", force)
+        check_replaceable(out, DECODE_MAKER, "--out", force)
         loaded = load_model(folder, codes.family, runtime.device, force=force)
         weights_match = check_model_matches(codes, loaded, folder, force)
         batches = decode_batches(runtime.prepare(loaded.model), codes, rows, params.encode.batch_size, runtime)

@@ -19,6 +19,7 @@ from dvae_cli.core.errors import UserError
 from dvae_cli.core.files import check_output, sha256_file, write_json_atomic
 from dvae_cli.core.runtime import Runtime
 from dvae_cli.core.splits import SPLIT_NAMES, TEST, TRAIN, VAL, evaluation_split
+from dvae_cli.formats.artifact import PRIOR_MAKER
 from dvae_cli.formats.codes import CodesFile
 from dvae_cli.formats.model_folder import load_model, save_prior
 from dvae_cli.models import code_map_name
@@ -45,7 +46,7 @@ class PriorPaths:
 
     @property
     def folders(self) -> RunFolders:
-        return RunFolders(self.out, self.live_dir, inputs=(self.codes, self.model_dir), maker="dvae prior")
+        return RunFolders(self.out, self.live_dir, inputs=(self.codes, self.model_dir), maker=PRIOR_MAKER)
 
 
 @dataclass(frozen=True)

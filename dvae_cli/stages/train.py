@@ -24,6 +24,7 @@ from dvae_cli.core.files import sha256_file
 from dvae_cli.core.runtime import Runtime
 from dvae_cli.core.splits import TRAIN, VAL
 from dvae_cli.core.tensors import float32_if_floating
+from dvae_cli.formats.artifact import TRAIN_MAKER
 from dvae_cli.formats.dataset import ROW_ARRAYS, DatasetFile, DatasetInfo
 from dvae_cli.formats.model_folder import save_model
 from dvae_cli.models import DataShape, DiscreteVAE, get_family
@@ -63,7 +64,7 @@ class TrainPaths:
 
     @property
     def folders(self) -> RunFolders:
-        return RunFolders(self.model_dir, self.live_dir, inputs=(self.dataset,), maker="dvae train")
+        return RunFolders(self.model_dir, self.live_dir, inputs=(self.dataset,), maker=TRAIN_MAKER)
 
 
 @dataclass(frozen=True)
