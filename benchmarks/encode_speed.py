@@ -29,7 +29,8 @@ import torch
 from dvae_cli.core.runtime import Runtime, resolve_runtime
 from dvae_cli.formats.dataset import DatasetFile
 from dvae_cli.formats.model_folder import load_model, save_model
-from dvae_cli.models import DataShape, get_family
+from dvae_cli.models import get_family
+from dvae_cli.models.base import DataShape
 from dvae_cli.params import load_params, parse_set_options
 from dvae_cli.stages import encode, prepare
 from dvae_cli.stages.encode import EncodePaths

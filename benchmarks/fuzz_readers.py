@@ -41,7 +41,7 @@ from dvae_cli.formats.dataset import DatasetFile
 from dvae_cli.formats.model_folder import load_model, load_prior
 from dvae_cli.models import get_family
 from dvae_cli.models.base import invalid_latent
-from dvae_cli.models.jointvae.model import JointVAEConfig
+from dvae_cli.models.jointvae.config import JointVAEConfig
 from dvae_cli.params import build_params, load_params
 from dvae_cli.stages import encode, prepare, prior, train
 from dvae_cli.stages.import_reference import read_specs

@@ -32,7 +32,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from torch.utils.flop_counter import FlopCounterMode
 
 from dvae_cli.core.splits import TRAIN
-from dvae_cli.models.prior import CodePrior, start_tokens
+from dvae_cli.models.prior.model import CodePrior, start_tokens
 from dvae_cli.params import build_params
 from dvae_cli.stages import encode, prepare, prior, train
 from dvae_cli.stages.encode import EncodePaths

@@ -34,7 +34,8 @@ from torchvision import transforms
 
 from dvae_cli.core.runtime import resolve_runtime
 from dvae_cli.formats.dataset import DatasetChunk, DatasetInfo, DatasetWriter
-from dvae_cli.models import DataShape, get_family
+from dvae_cli.models import get_family
+from dvae_cli.models.base import DataShape
 from dvae_cli.params import build_params, load_params
 from dvae_cli.sources.dsprites import DSpritesRenderer
 from dvae_cli.stages import train

@@ -23,13 +23,13 @@ from torch import Tensor
 
 from dvae_cli.core.errors import UserError
 from dvae_cli.core.images import to_uint8
-from dvae_cli.core.runtime import Runtime, RuntimeConfig, resolve_runtime
+from dvae_cli.core.runtime import Runtime, resolve_runtime
+from dvae_cli.core.runtime_config import RuntimeConfig
 from dvae_cli.core.schema import build
 from dvae_cli.core.tensors import as_tensor, float32_if_floating
 from dvae_cli.formats.codes import ArraySpec, latent_specs
 from dvae_cli.formats.model_folder import LoadedModel, load_model
-from dvae_cli.models import DiscreteVAE
-from dvae_cli.models.base import invalid_latent
+from dvae_cli.models.base import DiscreteVAE, invalid_latent
 from dvae_cli.params import EncodeConfig
 
 ImageBatch = Any

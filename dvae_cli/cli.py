@@ -20,6 +20,8 @@ from dvae_cli.command import (
     Flag,
     app,
     command,
+    complete_code_map_family,
+    complete_family,
     notes,
     path_option,
     show,
@@ -30,9 +32,11 @@ from dvae_cli.models import FAMILIES, code_map_name
 from dvae_cli.params import Params
 from dvae_cli.sources import SOURCES
 
-ModelOption = Annotated[str, typer.Option("--model", "-m", help=f"model family: {' | '.join(FAMILIES)}")]
+ModelOption = Annotated[str, typer.Option("--model", "-m", help=f"model family: {' | '.join(FAMILIES)}",
+                                          autocompletion=complete_family)]
 CodeMapModelOption = Annotated[str, typer.Option("--model", "-m", help="the family whose code maps the prior models: "
-                                                 f"{' | '.join(n for n, f in FAMILIES.items() if f.code_map)}")]
+                                                 f"{' | '.join(n for n, f in FAMILIES.items() if f.code_map)}",
+                                                 autocompletion=complete_code_map_family)]
 ForceOption = Annotated[bool, typer.Option(help="use weights that config.json's weights_sha256 does not name, and "
                                            "replace a dvae file another command wrote at the output")]
 ReplaceOption = Annotated[bool, typer.Option("--force", help="replace a dvae file another command wrote at the output")]
@@ -44,7 +48,9 @@ ModelDirPath = path_option("model folder [default: models/MODEL]")
 PriorDirPath = path_option("prior folder [default: models/MODEL-prior]", "--prior")
 
 
-@command("prepare-data", dataset=Flag("data.dataset", str, f"source: {' | '.join(SOURCES)}"),
+@command("prepare-data",
+         example="dvae prepare-data --dataset folder --root data/raw/digits --image-size 32 --channels 1",
+         dataset=Flag("data.dataset", str, f"source: {' | '.join(SOURCES)}"),
          root=Flag("data.root", str, "folder torchvision and folder sources read"),
          subset=Flag("data.subset", str, "keep a seeded random subset: a count or a fraction", yaml=True),
          image_size=Flag("data.image_size", int, "square image side"), channels=Flag("data.channels", int, "1 or 3"),
@@ -67,7 +73,9 @@ def prepare_data_command(params: Params, out: path_option("dataset file to write
         ("file size", f"{summary.file_bytes / 1e6:.1f} MB"), ("seconds", f"{summary.seconds:.1f}")])
 
 
-@command("train", epochs=Flag("{model}.epochs", int), batch_size=Flag("{model}.batch_size", int,
+@command("train",
+         example="dvae train --model jointvae --preset jointvae-dsprites-cpu --seed 1",
+         epochs=Flag("{model}.epochs", int), batch_size=Flag("{model}.batch_size", int,
          "override MODEL.batch_size (the global batch)"), lr=Flag("{model}.lr", float),
          max_steps=Flag("train.max_steps", int), device=DEVICE, precision=Flag("runtime.precision", str), seed=SEED)
 def train_command(
@@ -97,7 +105,9 @@ def train_command(
         show(f"{model}: {result.steps} steps in {result.seconds:.0f} s", result.metrics.items(), ("metric", "value"))
 
 
-@command("encode", batch_size=Flag("encode.batch_size", int), device=DEVICE)
+@command("encode",
+         example="dvae encode --model vqvae --out data/codes/vqvae.h5",
+         batch_size=Flag("encode.batch_size", int), device=DEVICE)
 def encode_command(
     params: Params,
     model: ModelOption,
@@ -119,7 +129,9 @@ def encode_command(
         ("array", "type and shape"))
 
 
-@command("decode", batch_size=Flag("encode.batch_size", int), device=DEVICE)
+@command("decode",
+         example="dvae decode data/codes/vqvae.h5 --rows 0:16 --out decoded.png",
+         batch_size=Flag("encode.batch_size", int), device=DEVICE)
 def decode_command(
     params: Params,
     codes: Annotated[Path, typer.Argument(help="codes file written by `dvae encode`")],
@@ -140,7 +152,9 @@ def decode_command(
                f"({result.seconds:.1f} s)", err=True)
 
 
-@command("evaluate", num_samples=Flag("evaluate.num_samples", int), dci=Flag("evaluate.dci", bool),
+@command("evaluate",
+         example="dvae evaluate --model jointvae --num-samples 2000",
+         num_samples=Flag("evaluate.num_samples", int), dci=Flag("evaluate.dci", bool),
          batch_size=Flag("evaluate.batch_size", int), device=DEVICE, seed=SEED)
 def evaluate_command(
     params: Params,
@@ -163,9 +177,10 @@ def evaluate_command(
          ("metric", "value"), caption=f"written to {result.path}")
 
 
-@command("render", base=Flag("render.base_index", int, "override render.base_index: test image the traversals "
-                             "start from"), steps=Flag("render.steps", int, "override render.steps: columns of a "
-                                                       "traversal"),
+@command("render",
+         example="dvae render --model jointvae --base 7 --steps 10",
+         base=Flag("render.base_index", int, "override render.base_index: test image the traversals start from"),
+         steps=Flag("render.steps", int, "override render.steps: columns of a traversal"),
          seed=Flag("render.seed", int, "override render.seed: prior samples and chosen images"), device=DEVICE)
 def render_command(
     params: Params,
@@ -186,7 +201,9 @@ def render_command(
          ("file", "pixels"))
 
 
-@command("prior", epochs=Flag("prior.epochs", int), max_steps=Flag("train.max_steps", int), device=DEVICE, seed=SEED)
+@command("prior",
+         example="dvae prior --model vqvae --epochs 3",
+         epochs=Flag("prior.epochs", int), max_steps=Flag("train.max_steps", int), device=DEVICE, seed=SEED)
 def prior_command(
     params: Params,
     model: CodeMapModelOption,
@@ -200,9 +217,9 @@ def prior_command(
     force: ReplaceOption = False,
 ) -> None:
     """Train an autoregressive prior over the code maps of the codes file's train split; report its test NLL."""
+    code_map_name(model)
     from dvae_cli.stages import prior
 
-    code_map_name(model)
     paths = prior.PriorPaths.of(model, codes=codes, model_dir=model_dir, out=out, live_dir=live, metrics=metrics)
     result = prior.run(params, model, paths, restart=restart, restart_on_mismatch=restart_on_mismatch, force=force)
     if result.resumed_from:
@@ -215,7 +232,9 @@ def prior_command(
                                                                                 f"{paths.metrics}")
 
 
-@command("sample", count=Flag("prior.sample.count", int, names=("-n",)), temperature=Flag("prior.sample.temperature",
+@command("sample",
+         example="dvae sample --model vqvae -n 16 --temperature 0.8",
+         count=Flag("prior.sample.count", int, names=("-n",)), temperature=Flag("prior.sample.temperature",
          float), top_k=Flag("prior.sample.top_k", int), device=DEVICE, seed=SEED)
 def sample_command(
     params: Params,
@@ -227,9 +246,9 @@ def sample_command(
     force: ReplaceOption = False,
 ) -> None:
     """Draw code maps from the prior and decode them: a PNG grid and a codes file `dvae decode` reads."""
+    code_map_name(model)
     from dvae_cli.stages import sample
 
-    code_map_name(model)
     paths = sample.SamplePaths.of(model, prior_dir=prior_dir, model_dir=model_dir, picture=out, codes=codes_out)
     result = sample.run(params, model, paths, force=force)
     per_class = f", {result.count // len(result.classes)} per class" if result.classes else ""
@@ -237,7 +256,9 @@ def sample_command(
                f"({result.seconds:.1f} s)", err=True)
 
 
-@command("compare", device=DEVICE, seed=Flag("seed", int, "override seed (the patch k-means sample)"))
+@command("compare",
+         example="dvae compare --model vqvae",
+         device=DEVICE, seed=Flag("seed", int, "override seed (the patch k-means sample)"))
 def compare_command(
     params: Params,
     model: CodeMapModelOption,
@@ -250,9 +271,9 @@ def compare_command(
     metrics: path_option("summary [default: metrics/MODEL-rate-distortion.json]") = None,
 ) -> None:
     """Rate–distortion on the test split: the codes (plain and coded by the prior) against k-means VQ, JPEG, WebP."""
+    code_map_name(model)
     from dvae_cli.stages import compare
 
-    code_map_name(model)
     paths = compare.ComparePaths.of(model, dataset=dataset, model_dir=model_dir, codes=codes, prior_dir=prior_dir,
                                     table=table, picture=out, metrics=metrics)
     result = compare.run(params, model, paths)
@@ -262,7 +283,7 @@ def compare_command(
          caption=f"every point in {paths.table}, plotted in {paths.picture}")
 
 
-@command("import-reference")
+@command("import-reference", example="dvae import-reference trained_models/mnist/model.pt")
 def import_reference_command(
     params: Params,
     model_pt: Annotated[Path, typer.Argument(help="the reference JointVAE's model.pt (a state dict)")],

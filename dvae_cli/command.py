@@ -21,11 +21,11 @@ from dvae_cli import __version__
 from dvae_cli.core.errors import UserError
 from dvae_cli.core.files import refused_write, remove_pending_temporaries
 from dvae_cli.core.progress import console
-from dvae_cli.models import get_family
-from dvae_cli.params import load_params, parse_set_options, parse_value
+from dvae_cli.models import FAMILIES, get_family
+from dvae_cli.params import load_params, parse_set_options, parse_value, preset_names
 
 app = typer.Typer(add_completion=True, no_args_is_help=True, pretty_exceptions_enable=False,
-                  rich_markup_mode=None,
+                  rich_markup_mode=None, context_settings={"help_option_names": ["-h", "--help"]},
                   help="dvae: discrete representations of image datasets (JointVAE, VQ-VAE) as a DVC pipeline.")
 
 
@@ -101,21 +101,35 @@ class Flag:
         return Annotated[self.type | None, typer.Option(*names, help=help_text)]
 
 
+def complete_family(incomplete: str) -> list[str]:
+    return [name for name in FAMILIES if name.startswith(incomplete)]
+
+
+def complete_code_map_family(incomplete: str) -> list[str]:
+    return [name for name, family in FAMILIES.items() if family.code_map and name.startswith(incomplete)]
+
+
+def complete_preset(incomplete: str) -> list[str]:
+    return [name for name in preset_names() if name.startswith(incomplete)]
+
+
 DEVICE = Flag("runtime.device", str)
 SEED = Flag("seed", int)
-SHARED_OPTIONS = {
-    "params_file": (Annotated[Path, typer.Option("--params", help="params file", show_default=True)], Path("params.yaml")),
-    "preset": (Annotated[str | None, typer.Option(
-        "--preset", help="overlay merged over the params file: a name in presets/ or a .yaml path")], None),
-    "set_": (Annotated[list[str] | None, typer.Option(
-        "--set", "-S", help="override any param: key.sub=value (repeatable)")], None),
-}
+ParamsFileOption = Annotated[Path, typer.Option("--params", help="params file", show_default=True)]
+PresetOption = Annotated[str | None, typer.Option(
+    "--preset", help="overlay merged over the params file: a name in presets/ or a .yaml path",
+    autocompletion=complete_preset)]
+SetOption = Annotated[list[str] | None, typer.Option("--set", "-S",
+                                                     help="override any param: key.sub=value (repeatable)")]
+SHARED_OPTIONS = {"params_file": (ParamsFileOption, Path("params.yaml")), "preset": (PresetOption, None),
+                  "set_": (SetOption, None)}
 """Options every command that reads params takes, declared here once."""
 
 
-def command(name: str, **flags: Flag) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+def command(name: str, example: str, **flags: Flag) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
     """Register `function(params, ...)` as the command `name`: it gains the shared params options and `flags`, and
-    receives the merged params (and `model` as the family's name, checked before params are read)."""
+    receives the merged params (and `model` as the family's name, checked before params are read). `example`, a
+    command line, ends its help."""
 
     def register(function: Callable[..., Any]) -> Callable[..., Any]:
         own = [p for p in inspect.signature(function, eval_str=True).parameters.values() if p.name != "params"]
@@ -142,7 +156,7 @@ def command(name: str, **flags: Flag) -> Callable[[Callable[..., Any]], Callable
         del wrapper.__wrapped__  # Typer reads the signature below, not the function's
         wrapper.__signature__ = inspect.Signature(parameters)  # type: ignore[attr-defined]
         wrapper.__annotations__ = {p.name: p.annotation for p in parameters}
-        return app.command(name)(user_facing(wrapper))
+        return app.command(name, epilog=f"\b\nExample: {example}")(user_facing(wrapper))
 
     return register
 

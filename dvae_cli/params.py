@@ -20,10 +20,10 @@ from typing import Any
 import yaml
 
 from dvae_cli.core.errors import UserError
-from dvae_cli.core.runtime import RuntimeConfig
+from dvae_cli.core.runtime_config import RuntimeConfig
 from dvae_cli.core.schema import DERIVED, KeyName, build, convert, param
 from dvae_cli.models import FAMILIES, SECTIONS
-from dvae_cli.scoring.evaluation import EvaluateConfig
+from dvae_cli.scoring.config import EvaluateConfig
 from dvae_cli.sources import DataConfig
 
 PRESETS_FOLDER = Path("presets")
@@ -154,13 +154,18 @@ def read_params_file(path: Path) -> dict[str, Any]:
     return raw
 
 
+def preset_names() -> list[str]:
+    """The presets under the working folder, by name."""
+    return sorted(p.stem for p in PRESETS_FOLDER.glob("*.yaml")) if PRESETS_FOLDER.is_dir() else []
+
+
 def preset_path(preset: str) -> Path:
     """A preset by name (`presets/NAME.yaml` under the working folder) or by path."""
     path = Path(preset)
     if path.suffix not in (".yaml", ".yml"):
         path = PRESETS_FOLDER / f"{preset}.yaml"
     if not path.exists():
-        available = sorted(p.stem for p in PRESETS_FOLDER.glob("*.yaml")) if PRESETS_FOLDER.is_dir() else []
+        available = preset_names()
         listed = f"available: {', '.join(available)}" if available else "run in the project root or pass a path"
         raise UserError(f"preset {preset!r} not found ({path}); {listed}")
     return path

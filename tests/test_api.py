@@ -26,7 +26,8 @@ from dvae_cli.formats.dataset import (
     DatasetWriter,
 )
 from dvae_cli.formats.model_folder import save_model
-from dvae_cli.models import DataShape, get_family
+from dvae_cli.models import get_family
+from dvae_cli.models.base import DataShape
 from tests.conftest import TINY_PARAMS
 
 FAMILIES = ("vqvae", "jointvae")

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import typer
 from typer.testing import CliRunner
 
 from dvae_cli import __version__
@@ -152,16 +153,43 @@ def test_console_script_version_and_help(tmp_path):
 
 
 
-def test_shell_completion_completes_commands_and_options(tmp_path):
+def test_shell_completion_completes_commands_options_and_values(tmp_path):
     def complete(words: str) -> list[str]:
         env = {**os.environ, "_DVAE_COMPLETE": "complete_bash", "COMP_WORDS": words,
-               "COMP_CWORD": str(len(words.split()) - 1)}
+               "COMP_CWORD": str(len(words.split()) - (0 if words.endswith(" ") else 1))}
         result = subprocess.run(["dvae"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60)
         assert result.returncode == 0
         return result.stdout.split()
 
+    (tmp_path / "presets").mkdir()
+    for name in ("tiny-cpu", "tiny-gpu", "other"):
+        (tmp_path / "presets" / f"{name}.yaml").write_text("seed: 1\n")
     assert complete("dvae tr") == ["train"]
     assert "--preset" in complete("dvae train --pre")
+    assert complete("dvae train --model ") == ["jointvae", "vqvae"]
+    assert complete("dvae prior --model ") == ["vqvae"]  # only families with code maps
+    assert complete("dvae encode --preset tiny") == ["tiny-cpu", "tiny-gpu"]
+
+
+def test_every_command_help_has_an_example_that_parses_and_answers_h():
+    group = typer.main.get_command(app)
+    for name in [command.name for command in app.registered_commands]:
+        result = invoke(name, "-h")
+        assert result.exit_code == 0, name
+        example = result.output.split("Example: ")[1].split()
+        assert example[:2] == ["dvae", name], name
+        group.commands[name].make_context(name, example[2:])  # every option and value of the example is one the command takes
+
+
+@pytest.mark.parametrize("args", [("--help",), ("train", "--help"), ("train", "--model", "nope"),
+                                  ("train", "--model", "jointvae", "-S", "jointvae.lr=-1"),
+                                  ("prior", "--model", "jointvae")])
+def test_help_and_argument_errors_never_import_torch(tmp_path, args):
+    result = subprocess.run([sys.executable, "-X", "importtime", "-m", "dvae_cli", *args], cwd=tmp_path,
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode in (0, 2), result.stderr
+    imported = {line.rsplit("|", 1)[-1].strip() for line in result.stderr.splitlines() if line.startswith("import time")}
+    assert not imported & {"torch", "torchvision", "sklearn", "h5py", "scipy"}, args
 
 
 # The happy path and precedence (in-process: no second torch import)

@@ -2,12 +2,14 @@
 
 What `dvae COMMAND` runs: cli.py's module-level imports and the imports inside that command's function, then
 everything those modules import, at module level or inside functions (`if TYPE_CHECKING:` blocks never run), with
-every package `__init__.py` on the way.
+every package `__init__.py` on the way. A model's lazy import, `Lazy("dvae_cli.module:attribute")` in the registry,
+counts as an import of that module.
 """
 
 from __future__ import annotations
 
 import ast
+import re
 from pathlib import Path
 
 import pytest
@@ -15,6 +17,7 @@ import yaml
 
 PROJECT = Path(__file__).resolve().parents[1]
 PACKAGE = "dvae_cli"
+LAZY_TARGET = re.compile(rf"({PACKAGE}(?:\.\w+)+):\w+")
 
 
 def module_file(name: str) -> Path | None:
@@ -46,6 +49,8 @@ def imported_modules(nodes: list[ast.stmt], module: str, is_package: bool) -> se
                 base = ".".join([*parts, base] if base else parts)
             found.add(base)
             found.update(f"{base}.{alias.name}" for alias in node.names)
+        elif isinstance(node, ast.Call) and getattr(node.func, "id", "") == "Lazy":
+            found.add(LAZY_TARGET.fullmatch(node.args[0].value).group(1))
         stack.extend(ast.iter_child_nodes(node))
     return {name for name in found if name.split(".")[0] == PACKAGE and module_file(name) is not None}
 

@@ -23,7 +23,7 @@ from dvae_cli.core.errors import UserError
 from dvae_cli.core.splits import TEST
 from dvae_cli.formats.dataset import DatasetFile
 from dvae_cli.formats.model_folder import load_model, save_model
-from dvae_cli.models import DiscreteVAE
+from dvae_cli.models.base import DiscreteVAE
 from dvae_cli.models.jointvae.metrics import (
     factor_representation,
     gaussian_nll_per_image,

@@ -25,7 +25,8 @@ from dvae_cli.formats.codes import CodesFile
 from dvae_cli.formats.dataset import DatasetFile
 from dvae_cli.formats.model_folder import load_model
 from dvae_cli.models.base import DataShape
-from dvae_cli.models.jointvae.model import JointVAE, JointVAEConfig
+from dvae_cli.models.jointvae.config import JointVAEConfig
+from dvae_cli.models.jointvae.model import JointVAE
 from tests.conftest import TINY_PARAMS
 
 SPECS: dict[str, Any] = {

@@ -5,10 +5,9 @@ import torch
 
 from dvae_cli.core.errors import UserError
 from dvae_cli.models.base import DataShape
+from dvae_cli.models.jointvae.config import CapacitySchedule, JointVAEConfig
 from dvae_cli.models.jointvae.model import (
-    CapacitySchedule,
     JointVAE,
-    JointVAEConfig,
     capacity,
     categorical_decomposition,
     gumbel_softmax_sample,
@@ -211,7 +210,6 @@ def test_capacity_on_mutual_information_and_the_marginal_penalty():
     expected = (terms["recon"] + 3.0 * (terms["kl_z"] - terms["capacity_z"]).abs()
                 + 7.0 * (terms["mutual_information_c"] - terms["capacity_c"]).abs() + 2.5 * terms["marginal_kl_c"])
     torch.testing.assert_close(output.loss.detach(), expected)
-
 
 
 def test_kl_terms_match_the_encoded_posterior():

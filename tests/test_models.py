@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 
 from dvae_cli.core.errors import UserError
-from dvae_cli.models import FAMILIES, DataShape, DiscreteVAE, get_family
+from dvae_cli.models import FAMILIES, get_family
+from dvae_cli.models.base import DataShape, DiscreteVAE
 
 PACKAGE = Path(__file__).resolve().parents[1] / "dvae_cli"
 

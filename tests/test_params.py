@@ -4,8 +4,8 @@ import pytest
 import yaml
 
 from dvae_cli.core.errors import UserError
-from dvae_cli.models.jointvae.model import CapacitySchedule, JointVAEConfig
-from dvae_cli.models.vqvae.model import VQVAEConfig
+from dvae_cli.models.jointvae.config import CapacitySchedule, JointVAEConfig
+from dvae_cli.models.vqvae.config import VQVAEConfig
 from dvae_cli.params import Params, load_params, parse_set_options, parse_value, to_dict
 from dvae_cli.sources import DataConfig
 
@@ -252,6 +252,7 @@ def test_override_does_not_change_the_file(write_params):
 def test_shipped_params_are_the_defaults():
     """One set of defaults: params.yaml writes out the schema's (DVC needs every tracked key in the file)."""
     assert load_params(PROJECT / "params.yaml") == Params()
+    assert yaml.safe_load((PROJECT / "params.yaml").read_text()) == to_dict(Params())
 
 
 @pytest.mark.parametrize(("moved", "new"), [("device", "runtime.device"), ("precision", "runtime.precision"),
@@ -314,3 +315,4 @@ def test_presets_hold_the_papers_settings(monkeypatch) -> None:
     mnist = preset("jointvae-mnist").model_config("jointvae")
     assert (mnist.continuous, mnist.discrete, mnist.cont_capacity.max, mnist.cont_capacity.steps,
             mnist.cont_capacity.gamma, mnist.epochs) == (10, [10], 5, 25000, 30, 100)
+

@@ -7,13 +7,8 @@ import math
 import pytest
 import torch
 
-from dvae_cli.models.prior import (
-    CodeMaps,
-    CodePrior,
-    PriorConfig,
-    start_tokens,
-    training_rows,
-)
+from dvae_cli.models.prior.config import CodeMaps, PriorConfig
+from dvae_cli.models.prior.model import CodePrior, start_tokens, training_rows
 
 PROBABILITIES = torch.tensor([0.5, 0.25, 0.125, 0.125])
 """i.i.d. codes with this distribution have an entropy of 1.75 bits each."""

@@ -7,7 +7,8 @@ import torch.nn.functional as F
 
 from dvae_cli.core.errors import UserError
 from dvae_cli.models.base import DataShape
-from dvae_cli.models.vqvae.model import VQVAE, VQVAEConfig
+from dvae_cli.models.vqvae.config import VQVAEConfig
+from dvae_cli.models.vqvae.model import VQVAE
 
 
 def tiny_config(**overrides: object) -> VQVAEConfig:

@@ -8,12 +8,11 @@ import ctypes.util
 import os
 import sys
 from dataclasses import dataclass
-from typing import Literal
 
 import torch
 
 from dvae_cli.core.errors import UserError
-from dvae_cli.core.schema import KeyName, param
+from dvae_cli.core.runtime_config import RuntimeConfig
 
 GPU_DATA_FRACTION = 0.4
 """Keep the uint8 data on the GPU when it takes at most this fraction of the free GPU memory."""
@@ -22,20 +21,6 @@ GPU_DATA_FRACTION = 0.4
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
 _MAX_MMAP_THRESHOLD = 32 * 2**20
 _TRIM_THRESHOLD = 2**30
-
-
-@dataclass(frozen=True)
-class RuntimeConfig:
-    """Where and how every stage runs its tensors."""
-
-    device: str = param("auto", help="auto | cpu | cuda | cuda:N | mps")
-    precision: Literal["auto", "fp32", "bf16", "fp16"] = param("auto", help="auto: bf16 autocast on CUDA, fp32 on CPU")
-    compile: bool = param(False, help="torch.compile the model")
-
-    def validate(self, key: KeyName) -> None:
-        device = self.device
-        if not (device in ("auto", "cpu", "cuda", "mps") or (device.startswith("cuda:") and device[5:].isdigit())):
-            raise UserError(f"params: `{key('device')}` is {device!r}; allowed: auto | cpu | cuda | cuda:N | mps")
 
 
 @dataclass(frozen=True)

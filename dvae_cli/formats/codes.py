@@ -42,7 +42,8 @@ from dvae_cli.formats.dataset import (
     read_rows,
     unreadable_is_damaged,
 )
-from dvae_cli.models import FAMILIES, DiscreteVAE
+from dvae_cli.models import FAMILIES
+from dvae_cli.models.base import DiscreteVAE
 
 FORMAT = "dvae-codes"
 FORMAT_VERSION = 2

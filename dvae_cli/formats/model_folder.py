@@ -18,8 +18,11 @@ from dvae_cli.core.files import sha256_file, write_bytes_atomic, write_json_atom
 from dvae_cli.core.schema import build
 from dvae_cli.formats.checkpoint import CHECKPOINT
 from dvae_cli.formats.codes import model_codebook_sha256
-from dvae_cli.models import FAMILIES, DataShape, DiscreteVAE
-from dvae_cli.models.prior import PRIOR, CodeMaps, CodePrior, PriorConfig
+from dvae_cli.models import FAMILIES
+from dvae_cli.models.base import DataShape, DiscreteVAE
+from dvae_cli.models.prior import PRIOR
+from dvae_cli.models.prior.config import CodeMaps, PriorConfig
+from dvae_cli.models.prior.model import CodePrior
 
 WEIGHTS = "model.safetensors"
 CONFIG = "config.json"

@@ -1,13 +1,13 @@
 """The models, registered once: the image model families (`FAMILIES`: train, encode, evaluate, render) and the
 priors over their code maps (`PRIORS`: prior, sample, compare). Nothing else in dvae lists them or branches on
-them; params composes one section per registered model (`SECTIONS`)."""
+them; params composes one section per registered model (`SECTIONS`). Importing the registry loads no torch: each
+model's implementation is imported when first used (`registry.Lazy`)."""
 
 from __future__ import annotations
 
 from dvae_cli.core.errors import UserError
 from dvae_cli.models import jointvae, prior, vqvae
-from dvae_cli.models.base import DataShape, DiscreteVAE, Family, LossOutput
-from dvae_cli.models.prior import PriorKind
+from dvae_cli.models.registry import Family, PriorKind
 
 FAMILIES: dict[str, Family] = {family.name: family for family in (jointvae.FAMILY, vqvae.FAMILY)}
 PRIORS: dict[str, PriorKind] = {kind.name: kind for kind in (prior.PRIOR,)}
@@ -31,5 +31,4 @@ def code_map_name(name: str) -> str:
     return code_map
 
 
-__all__ = ["FAMILIES", "PRIORS", "SECTIONS", "DataShape", "DiscreteVAE", "Family", "LossOutput", "PriorKind",
-           "code_map_name", "get_family"]
+__all__ = ["FAMILIES", "PRIORS", "SECTIONS", "Family", "PriorKind", "code_map_name", "get_family"]

@@ -1,22 +1,16 @@
-"""The interface every model family shares, so no stage branches on the family, and the `Family` record the
-registry (`dvae_cli.models`) holds for each."""
+"""The interface every model family shares, so no stage branches on the family."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Literal
+from typing import Literal
 
 import numpy as np
 import torch
 from torch import Tensor, nn
 
 from dvae_cli.core.schema import param
-
-if TYPE_CHECKING:
-    from dvae_cli.core.progress import Advance
-    from dvae_cli.scoring.evaluation import Evaluation, Sections
-    from dvae_cli.scoring.pictures import Rendered, RenderInputs
 
 
 @dataclass(frozen=True)
@@ -107,26 +101,6 @@ class DiscreteVAE(Trainable):
     def extra_arrays(self) -> dict[str, Tensor]:
         """Arrays the codes file stores once beside the per-row ones (VQ-VAE: the codebook)."""
         return {}
-
-
-@dataclass(frozen=True)
-class Family:
-    """Everything dvae knows of a model family: registered once, looked up by name everywhere else."""
-
-    name: str
-    """The family's params section, `--model` value and model folder name."""
-    config: type
-    """Its params section's config class (a frozen dataclass of `param` fields)."""
-    model: Callable[[Any, DataShape], DiscreteVAE]
-    """model(config, data shape) → an untrained model."""
-    metrics: Callable[[Evaluation], Sections]
-    """`dvae evaluate`'s family sections."""
-    pictures: Callable[[Any, RenderInputs, Advance], Rendered]
-    """`dvae render`'s pictures; `advance()` once per entry of `picture_files`."""
-    picture_files: tuple[str, ...]
-    """Every file `pictures` can write."""
-    code_map: str | None = None
-    """The `encode` array holding an integer code map [h, w] that `dvae prior` can model (None: the family has none)."""
 
 
 def invalid_latent(model: DiscreteVAE, latent: Mapping[str, np.ndarray | Tensor]) -> str | None:

@@ -21,9 +21,9 @@ import torch
 import torch.nn.functional as F
 
 from dvae_cli.core.progress import Advance
-from dvae_cli.core.schema import param
 from dvae_cli.core.splits import SPLIT_NAMES
 from dvae_cli.core.tensors import as_tensor
+from dvae_cli.scoring.config import EvaluateConfig
 from dvae_cli.scoring.metrics import (
     clustering_scores,
     dci,
@@ -42,15 +42,6 @@ PROBABILITY_FLOOR = 1e-6
 DCI_MAX_POINTS = 2000
 """DCI fits gradient-boosted trees per factor and class (about a minute on 2,000 dSprites points on 2 CPU cores),
 so it uses a subsample of the factor sample."""
-
-
-@dataclass(frozen=True)
-class EvaluateConfig:
-    """The `evaluate:` params section."""
-
-    num_samples: int = param(10000, help="points sampled for MIG and the FactorVAE score", ge=1, le=1 << 24)
-    dci: bool = param(False, help="also compute DCI (gradient-boosted trees; slow)")
-    batch_size: int = param(512, help="images per evaluation batch", ge=1, le=1 << 16)
 
 
 class Decoder(Protocol):

@@ -6,13 +6,15 @@ from __future__ import annotations
 import importlib
 import math
 from dataclasses import dataclass
-from typing import Literal, Protocol
-
-import numpy as np
+from typing import TYPE_CHECKING, Literal, Protocol
 
 from dvae_cli.core.errors import UserError
 from dvae_cli.core.schema import KeyName, param
-from dvae_cli.formats.dataset import DatasetChunk, DatasetInfo
+
+if TYPE_CHECKING:
+    import numpy as np
+
+    from dvae_cli.formats.dataset import DatasetChunk, DatasetInfo
 
 
 class Source(Protocol):

@@ -23,7 +23,7 @@ from dvae_cli.formats.codes import CodesFile
 from dvae_cli.formats.dataset import DatasetFile
 from dvae_cli.formats.model_folder import load_model, load_prior, model_files
 from dvae_cli.models import code_map_name
-from dvae_cli.models.prior import training_rows
+from dvae_cli.models.prior.model import training_rows
 from dvae_cli.params import Params
 from dvae_cli.scoring.rate_distortion import (
     RatePoint,

@@ -22,8 +22,7 @@ from dvae_cli.formats.artifact import DECODE_MAKER, check_replaceable
 from dvae_cli.formats.codes import CodesFile
 from dvae_cli.formats.dataset import DatasetChunk, DatasetWriter
 from dvae_cli.formats.model_folder import WEIGHTS, LoadedModel, load_model, model_files
-from dvae_cli.models import DiscreteVAE
-from dvae_cli.models.base import invalid_latent
+from dvae_cli.models.base import DiscreteVAE, invalid_latent
 from dvae_cli.params import Params
 
 DECODE_ROWS = 64

@@ -57,7 +57,7 @@ from dvae_cli.formats.dataset import (
     unreadable_is_damaged,
 )
 from dvae_cli.formats.model_folder import LoadedModel, load_model, model_files
-from dvae_cli.models import DiscreteVAE
+from dvae_cli.models.base import DiscreteVAE
 from dvae_cli.params import Params
 
 

@@ -26,12 +26,8 @@ from dvae_cli.core.schema import build
 from dvae_cli.formats.model_folder import save_model
 from dvae_cli.models.base import DataShape
 from dvae_cli.models.jointvae import FAMILY
-from dvae_cli.models.jointvae.model import (
-    CapacitySchedule,
-    JointVAE,
-    JointVAEConfig,
-    load_reference_state_dict,
-)
+from dvae_cli.models.jointvae.config import CapacitySchedule, JointVAEConfig
+from dvae_cli.models.jointvae.model import JointVAE, load_reference_state_dict
 from dvae_cli.params import Params
 
 DATASET_SHAPES: dict[str, tuple[int, int]] = {

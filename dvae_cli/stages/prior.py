@@ -24,7 +24,9 @@ from dvae_cli.formats.codes import CodesFile
 from dvae_cli.formats.model_folder import load_model, save_prior
 from dvae_cli.models import code_map_name
 from dvae_cli.models.base import Trainable, invalid_latent
-from dvae_cli.models.prior import PRIOR, CodeMaps, CodePrior, training_rows
+from dvae_cli.models.prior import PRIOR
+from dvae_cli.models.prior.config import CodeMaps
+from dvae_cli.models.prior.model import CodePrior, training_rows
 from dvae_cli.params import Params
 from dvae_cli.trainer import RunFolders, TrainResult, fit, training_run
 

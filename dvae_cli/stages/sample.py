@@ -27,7 +27,9 @@ from dvae_cli.formats.codes import (
 )
 from dvae_cli.formats.dataset import DatasetInfo
 from dvae_cli.formats.model_folder import load_model, load_prior, model_files
-from dvae_cli.models.prior import PRIOR, CodeMaps, start_tokens
+from dvae_cli.models.prior import PRIOR
+from dvae_cli.models.prior.config import CodeMaps
+from dvae_cli.models.prior.model import start_tokens
 from dvae_cli.params import Params
 
 DECODE_BATCH = 256

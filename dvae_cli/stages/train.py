@@ -27,8 +27,8 @@ from dvae_cli.core.tensors import float32_if_floating
 from dvae_cli.formats.artifact import TRAIN_MAKER
 from dvae_cli.formats.dataset import ROW_ARRAYS, DatasetFile, DatasetInfo
 from dvae_cli.formats.model_folder import save_model
-from dvae_cli.models import DataShape, DiscreteVAE, get_family
-from dvae_cli.models.base import Trainable
+from dvae_cli.models import get_family
+from dvae_cli.models.base import DataShape, DiscreteVAE, Trainable
 from dvae_cli.params import Params
 from dvae_cli.scoring.evaluation import (
     ArraysInMemory,

@@ -19,8 +19,6 @@ from dvae_cli.scoring.pictures import (
     to_float,
 )
 
-FILES = ("traversals.png", "discrete_x_continuous.png", "reconstructions.png", "samples.png")
-"""Every file the JointVAE pictures can write (one it cannot draw is skipped with a note)."""
 PRIOR_SAMPLES = 64
 SAMPLE_COLUMNS = 8
 TRAVERSAL_QUANTILES = (0.05, 0.95)

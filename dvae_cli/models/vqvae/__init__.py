@@ -1,9 +1,10 @@
 """VQ-VAE (van den Oord, 2017): model, quantizer and config, evaluation sections, pictures."""
 
-from dvae_cli.models.base import Family
-from dvae_cli.models.vqvae.metrics import vqvae_metrics
-from dvae_cli.models.vqvae.model import VQVAE, VQVAEConfig
-from dvae_cli.models.vqvae.pictures import FILES, render_vqvae
+from dvae_cli.models.registry import Family, Lazy
+from dvae_cli.models.vqvae.config import VQVAEConfig
 
-FAMILY = Family(name="vqvae", config=VQVAEConfig, model=VQVAE, metrics=vqvae_metrics,
-                pictures=render_vqvae, picture_files=FILES, code_map="codes")
+FAMILY = Family(name="vqvae", config=VQVAEConfig, model=Lazy("dvae_cli.models.vqvae.model:VQVAE"),
+                metrics=Lazy("dvae_cli.models.vqvae.metrics:vqvae_metrics"),
+                pictures=Lazy("dvae_cli.models.vqvae.pictures:render_vqvae"),
+                picture_files=("reconstructions.png", "code_maps.png", "codebook.png", "code_usage.csv"),
+                code_map="codes")

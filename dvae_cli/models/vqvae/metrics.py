@@ -7,7 +7,7 @@ import math
 import numpy as np
 
 from dvae_cli.core.splits import TRAIN
-from dvae_cli.models.vqvae.model import VQVAEConfig
+from dvae_cli.models.vqvae.config import VQVAEConfig
 from dvae_cli.scoring.evaluation import Evaluation, Sections, seeded_generators
 from dvae_cli.scoring.metrics import (
     bag_of_codes,

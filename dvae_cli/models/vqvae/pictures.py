@@ -31,8 +31,6 @@ from dvae_cli.scoring.pictures import (
     to_float,
 )
 
-FILES = ("reconstructions.png", "code_maps.png", "codebook.png", "code_usage.csv")
-"""Every file the VQ-VAE pictures write."""
 CAPTION_HEIGHT = 30
 """Height of the band under each codebook tile that holds its index and usage."""
 CODE_MAP_PAIRS_PER_ROW = 4
