@@ -14,6 +14,7 @@ from dvae_cli.models.jointvae.model import (
     kl_categorical,
     kl_normal,
     load_reference_state_dict,
+    total_correlation,
 )
 
 # From shared/reference/jointvae-reference-state-dict.json, in state_dict order.
@@ -210,6 +211,34 @@ def test_capacity_on_mutual_information_and_the_marginal_penalty():
     expected = (terms["recon"] + 3.0 * (terms["kl_z"] - terms["capacity_z"]).abs()
                 + 7.0 * (terms["mutual_information_c"] - terms["capacity_c"]).abs() + 2.5 * terms["marginal_kl_c"])
     torch.testing.assert_close(output.loss.detach(), expected)
+
+
+def test_total_correlation_by_hand():
+    unit = torch.zeros(2, 2)
+    # Two unit Gaussians at (0, 0) and (2, 2), z at their means: both coordinates move together.
+    # Each point: log q(z) − Σ_d log q(z_d) = log((1 + e⁻⁴)/2) − 2 log((1 + e⁻²)/2); the 2π terms cancel.
+    means = torch.tensor([[0.0, 0.0], [2.0, 2.0]])
+    expected = math.log(2) + math.log1p(math.exp(-4)) - 2 * math.log1p(math.exp(-2))
+    assert total_correlation(means, means, unit).item() == pytest.approx(expected, abs=1e-6)
+    # A grid of four: the batch mixture is the product of its two marginals, so TC is 0 at every point.
+    grid = torch.tensor([[0.0, 0.0], [0.0, 2.0], [2.0, 0.0], [2.0, 2.0]])
+    assert total_correlation(grid, grid, torch.zeros(4, 2)).item() == pytest.approx(0.0, abs=1e-6)
+    # One image, or one dimension: nothing to correlate.
+    assert total_correlation(means[:1], means[:1], unit[:1]).item() == pytest.approx(0.0, abs=1e-6)
+    assert total_correlation(means[:, :1], means[:, :1], unit[:, :1]).item() == pytest.approx(0.0, abs=1e-6)
+
+
+def test_tc_beta_adds_the_total_correlation():
+    torch.manual_seed(0)
+    model = make_model(tc_beta=4.0).eval()
+    output = model.loss(random_images(4), 30)
+    terms = output.terms
+    expected = (terms["recon"] + model.config.cont_capacity.gamma * (terms["kl_z"] - terms["capacity_z"]).abs()
+                + model.config.disc_capacity.gamma * (terms["kl_c"] - terms["capacity_c"]).abs()
+                + 4.0 * terms["total_correlation_z"])
+    torch.testing.assert_close(output.loss.detach(), expected)
+    assert "total_correlation_z" not in make_model().loss(random_images(4), 30).terms
+
 
 
 def test_kl_terms_match_the_encoded_posterior():

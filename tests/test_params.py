@@ -253,6 +253,7 @@ def test_shipped_params_are_the_defaults():
     """One set of defaults: params.yaml writes out the schema's (DVC needs every tracked key in the file)."""
     assert load_params(PROJECT / "params.yaml") == Params()
     assert yaml.safe_load((PROJECT / "params.yaml").read_text()) == to_dict(Params())
+    assert yaml.safe_load((PROJECT / "params.yaml").read_text()) == to_dict(Params())
 
 
 @pytest.mark.parametrize(("moved", "new"), [("device", "runtime.device"), ("precision", "runtime.precision"),

@@ -40,6 +40,8 @@ class JointVAEConfig:
                    "of I(x; c))")
     marginal_gamma: float = param(0.0, help="weight λ of KL(q(c) ‖ p(c)), the batch marginal of each discrete "
                                             "variable against its uniform prior", ge=0)
+    tc_beta: float = param(0.0, help="extra weight β of TC(z) = KL(q(z) ‖ ∏_d q(z_d)), the total correlation of the "
+                                     "continuous part (β-TCVAE), estimated on the batch", ge=0)
     lr: float = param(1.0e-3, help="Adam learning rate", gt=0)
     batch_size: int = param(64, help="global batch size", ge=1, le=1 << 16)
     epochs: int = param(6, help="passes over the train split", ge=1)

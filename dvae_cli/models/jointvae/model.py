@@ -63,6 +63,21 @@ def categorical_decomposition(probs: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     return kl, kl - marginal_kl, marginal_kl
 
 
+def total_correlation(z: Tensor, mean: Tensor, logvar: Tensor) -> Tensor:
+    """TC(z) = E_q(z) [log q(z) − Σ_d log q(z_d)] (β-TCVAE, Chen et al. 2018, eq. 2), q(z) = 1/M Σ_j q(z|x_j) the batch.
+
+    `z` [M, d] holds one sample of each q(z|x_i); q(z_i) and each q(z_id) are the batch mixtures at that sample
+    (the minibatch estimate of the β-TCVAE paper with the batch as the data set). A scalar; 0 for M = 1 or d ≤ 1.
+    """
+    # log N(z_i,d; μ_j,d, σ²_j,d) for every pair (i, j): [M, M, d].
+    log_density = -0.5 * (math.log(2 * math.pi) + logvar.unsqueeze(0)
+                          + (z.unsqueeze(1) - mean.unsqueeze(0)).pow(2) / logvar.exp().unsqueeze(0))
+    log_batch = math.log(z.shape[0])
+    log_joint = torch.logsumexp(log_density.sum(2), dim=1) - log_batch
+    log_marginals = (torch.logsumexp(log_density, dim=1) - log_batch).sum(1)
+    return (log_joint - log_marginals).mean()
+
+
 def capacity(schedule: CapacitySchedule, step: int, ceiling: float = math.inf) -> float:
     """C at `step`: 0 until schedule.start, then rises linearly to schedule.max over schedule.steps and stays there;
     never above `ceiling`."""
@@ -141,6 +156,7 @@ class JointVAE(DiscreteVAE):
 
         With `disc_capacity_of: mutual_information` the last term is γ_c |I(x; c) − C_c|; `marginal_gamma` λ adds
         λ KL(q(c) ‖ p(c)). Both are batch estimates (`categorical_decomposition`), summed over discrete variables.
+        `tc_beta` β adds β TC(z) (`total_correlation`, the β-TCVAE penalty on the continuous part).
         """
         posterior = self._posterior(x)
         if self.training:
@@ -174,6 +190,10 @@ class JointVAE(DiscreteVAE):
                  + self.config.disc_capacity.gamma * (controlled_c - capacity_c).abs())
         if self.config.marginal_gamma:
             total = total + self.config.marginal_gamma * marginal_kl_c
+        tc_terms = {}
+        if self.config.tc_beta:
+            tc_terms["total_correlation_z"] = total_correlation(z, posterior.mean, posterior.logvar)
+            total = total + self.config.tc_beta * tc_terms["total_correlation_z"]
 
         terms = {
             "recon": recon,
@@ -186,6 +206,7 @@ class JointVAE(DiscreteVAE):
             **({"mutual_information_c": mutual_information_c, "marginal_kl_c": marginal_kl_c} if self.discrete else {}),
             **{f"mutual_information_c_{j}": information for j, (_, information, _) in enumerate(decompositions)},
             **{f"marginal_kl_c_{j}": marginal for j, (_, _, marginal) in enumerate(decompositions)},
+            **tc_terms,
         }
         return LossOutput(loss=total, terms={name: term.detach() for name, term in terms.items()},
                           reconstruction=reconstruction.detach())
