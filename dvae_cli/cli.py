@@ -7,6 +7,7 @@ a summary. The plumbing every command shares (options, errors, tables) is in `dv
 from __future__ import annotations
 
 import json
+import shlex
 import signal
 import sys
 from pathlib import Path
@@ -18,6 +19,9 @@ from dvae_cli.command import (
     DEVICE,
     SEED,
     Flag,
+    ParamsFileOption,
+    PresetOption,
+    SetOption,
     app,
     command,
     complete_code_map_family,
@@ -26,10 +30,18 @@ from dvae_cli.command import (
     path_option,
     show,
     terminate,
+    user_facing,
 )
 from dvae_cli.core.errors import warn
 from dvae_cli.models import FAMILIES, code_map_name
-from dvae_cli.params import Params
+from dvae_cli.params import (
+    Params,
+    annotated_yaml,
+    experiment_arguments,
+    load_params,
+    parse_set_options,
+    value_origins,
+)
 from dvae_cli.sources import SOURCES
 
 ModelOption = Annotated[str, typer.Option("--model", "-m", help=f"model family: {' | '.join(FAMILIES)}",
@@ -305,6 +317,29 @@ def import_reference_command(
         ("temperature, lr, batch size", f"{config.temperature:g}, {config.lr:g}, {config.batch_size}"),
         ("parameters", f"{result.num_parameters:,}"), ("weights sha256", result.weights_sha256[:16])],
         caption=f"next: dvae encode --model {result.family} --model-dir {result.folder}")
+
+
+@app.command("params", epilog="\b\nExample: dvae params --preset jointvae-digits-cpu --set seed=3")
+@user_facing
+def params_command(
+    params_file: ParamsFileOption = Path("params.yaml"),
+    preset: PresetOption = None,
+    set_: SetOption = None,
+    exp_args: Annotated[bool, typer.Option(
+        "--exp-args", help="print the `dvc exp run` options (-S key=value) that apply the preset and --set to the "
+                           "params file, one per line, for `| xargs dvc exp run`")] = False,
+) -> None:
+    """Print the params a command runs with (the params file, a preset, --set merged) as YAML; each value that is
+    not the built-in default says where it came from."""
+    overrides = parse_set_options(set_ or [])
+    missing_ok = params_file == Path("params.yaml")
+    params = load_params(params_file, overrides, missing_ok=missing_ok, preset=preset)
+    origins = value_origins(params_file, overrides, missing_ok=missing_ok, preset=preset)
+    if exp_args:
+        arguments = experiment_arguments(params, origins, params_file)
+        typer.echo("".join(f"-S {shlex.quote(value)}\n" for value in arguments[1::2]), nl=False)
+    else:
+        typer.echo(annotated_yaml(params, origins), nl=False)
 
 
 def run() -> None:

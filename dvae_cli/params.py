@@ -12,6 +12,7 @@ wrong types, out-of-range values and keys of an older layout are `UserError`s th
 from __future__ import annotations
 
 import dataclasses
+import json
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -181,6 +182,64 @@ def load_params(path: Path | str = "params.yaml", overrides: dict[str, Any] | No
     for dotted, value in (overrides or {}).items():
         apply_override(raw, dotted, value)
     return build_params(raw)
+
+
+def flatten(mapping: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Nested sections as dotted key → value (a list is one value)."""
+    flat: dict[str, Any] = {}
+    for key, value in mapping.items():
+        if isinstance(value, Mapping) and value:
+            flat.update(flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def value_origins(path: Path | str, overrides: Mapping[str, Any] | None = None, missing_ok: bool = False,
+                  preset: str | None = None) -> dict[str, str]:
+    """Dotted key → where `load_params` with the same arguments takes its value from: the params file's path,
+    `preset NAME` or `flag` (a flag or --set); keys none of them sets are absent (the built-in default)."""
+    path = Path(path)
+    origins = {} if missing_ok and not path.exists() else dict.fromkeys(flatten(read_params_file(path)), str(path))
+    if preset is not None:
+        origins.update(dict.fromkeys(flatten(read_params_file(preset_path(preset))), f"preset {preset}"))
+    for dotted, value in (overrides or {}).items():
+        origins.update(dict.fromkeys(flatten({dotted: value}), "flag"))
+    return origins
+
+
+def annotated_yaml(params: Params, origins: Mapping[str, str]) -> str:
+    """`params` as YAML, one line per value; a value that is not the built-in default says where it came from."""
+    defaults = flatten(to_dict(Params()))
+    lines: list[str] = []
+
+    def emit(mapping: Mapping[str, Any], prefix: str, indent: str) -> None:
+        for key, value in mapping.items():
+            dotted = f"{prefix}{key}"
+            if isinstance(value, Mapping) and value:
+                lines.append(f"{indent}{key}:")
+                emit(value, f"{dotted}.", indent + "  ")
+                continue
+            line = f"{indent}{key}: {json.dumps(value, ensure_ascii=False)}"
+            if dotted not in defaults or value != defaults[dotted]:
+                line += f"  # {origins.get(dotted, 'default')}"
+            lines.append(line)
+
+    emit(to_dict(params), "", "")
+    return "\n".join(lines) + "\n"
+
+
+def experiment_arguments(params: Params, origins: Mapping[str, str], path: Path | str) -> list[str]:
+    """`dvc exp run` options that turn the params file at `path` into `params`: `-S key=value` for each value a
+    preset or flag sets (`-S +key=value` where the file lacks the key, as DVC's override grammar asks)."""
+    path = Path(path)
+    in_file = set(flatten(read_params_file(path))) if path.exists() else set()
+    values = flatten(to_dict(params))
+    arguments = []
+    for key, origin in origins.items():
+        if origin != str(path) and key in values:
+            arguments += ["-S", f"{'' if key in in_file else '+'}{key}={json.dumps(values[key], ensure_ascii=False)}"]
+    return arguments
 
 
 def parse_set_options(pairs: list[str]) -> dict[str, Any]:

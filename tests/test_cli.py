@@ -181,6 +181,21 @@ def test_every_command_help_has_an_example_that_parses_and_answers_h():
         group.commands[name].make_context(name, example[2:])  # every option and value of the example is one the command takes
 
 
+def test_params_command_prints_the_merged_params_and_refuses_an_unknown_preset(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "presets").mkdir()
+    (tmp_path / "presets" / "small.yaml").write_text("vqvae: {num_codes: 16}\n")
+    result = invoke("params", "--preset", "small", "-S", "seed=4")
+    assert result.exit_code == 0, result.output
+    assert "seed: 4  # flag" in result.output.splitlines()
+    assert "  num_codes: 16  # preset small" in result.output.splitlines()
+    result = invoke("params", "--preset", "small", "--exp-args")
+    assert result.output == "-S +vqvae.num_codes=16\n"  # no params.yaml here: every key is added
+    result = invoke("params", "--preset", "nosuch")
+    assert result.exit_code == 2
+    assert "preset 'nosuch' not found" in result.output
+
+
 @pytest.mark.parametrize("args", [("--help",), ("train", "--help"), ("train", "--model", "nope"),
                                   ("train", "--model", "jointvae", "-S", "jointvae.lr=-1"),
                                   ("prior", "--model", "jointvae")])

@@ -6,7 +6,16 @@ import yaml
 from dvae_cli.core.errors import UserError
 from dvae_cli.models.jointvae.config import CapacitySchedule, JointVAEConfig
 from dvae_cli.models.vqvae.config import VQVAEConfig
-from dvae_cli.params import Params, load_params, parse_set_options, parse_value, to_dict
+from dvae_cli.params import (
+    Params,
+    annotated_yaml,
+    experiment_arguments,
+    load_params,
+    parse_set_options,
+    parse_value,
+    to_dict,
+    value_origins,
+)
 from dvae_cli.sources import DataConfig
 
 PROJECT = Path(__file__).resolve().parents[1]
@@ -253,7 +262,6 @@ def test_shipped_params_are_the_defaults():
     """One set of defaults: params.yaml writes out the schema's (DVC needs every tracked key in the file)."""
     assert load_params(PROJECT / "params.yaml") == Params()
     assert yaml.safe_load((PROJECT / "params.yaml").read_text()) == to_dict(Params())
-    assert yaml.safe_load((PROJECT / "params.yaml").read_text()) == to_dict(Params())
 
 
 @pytest.mark.parametrize(("moved", "new"), [("device", "runtime.device"), ("precision", "runtime.precision"),
@@ -317,3 +325,35 @@ def test_presets_hold_the_papers_settings(monkeypatch) -> None:
     assert (mnist.continuous, mnist.discrete, mnist.cont_capacity.max, mnist.cont_capacity.steps,
             mnist.cont_capacity.gamma, mnist.epochs) == (10, [10], 5, 25000, 30, 100)
 
+
+def test_origins_say_which_layer_set_each_value(tmp_path, write_params):
+    path = write_params(seed=1, jointvae={"epochs": 2, "lr": 0.01})
+    preset = tmp_path / "overlay.yaml"
+    preset.write_text("jointvae: {epochs: 7, cont_capacity: {max: 3.0}}\n")
+    overrides = {"jointvae.lr": 0.5, "vqvae.num_codes": 8}
+    origins = value_origins(path, overrides, preset=str(preset))
+    assert origins == {"seed": str(path), "jointvae.epochs": f"preset {preset}", "jointvae.lr": "flag",
+                       "jointvae.cont_capacity.max": f"preset {preset}", "vqvae.num_codes": "flag"}
+    params = load_params(path, overrides, preset=str(preset))
+    text = annotated_yaml(params, origins)
+    assert yaml.safe_load(text) == to_dict(params)  # the YAML reads back as the same params
+    lines = text.splitlines()
+    assert "seed: 1  # " + str(path) in lines
+    assert f"  epochs: 7  # preset {preset}" in lines
+    assert f"    max: 3.0  # preset {preset}" in lines
+    assert "  num_codes: 8  # flag" in lines
+    assert "  batch_size: 64" in lines  # a default says nothing
+
+
+def test_experiment_arguments_apply_the_preset_and_flags_to_the_file(tmp_path, write_params):
+    path = write_params(seed=1, jointvae={"epochs": 2})
+    overrides = {"jointvae.epochs": 5, "jointvae.discrete": [4, 2]}
+    origins = value_origins(path, overrides, preset=str(PRESETS / "jointvae-dsprites-cpu.yaml"))
+    arguments = experiment_arguments(load_params(path, overrides, preset=str(PRESETS / "jointvae-dsprites-cpu.yaml")),
+                                     origins, path)
+    pairs = dict(value.split("=", 1) for value in arguments[1::2])
+    assert set(arguments[::2]) == {"-S"}
+    assert pairs["jointvae.epochs"] == "5"  # in the file: a plain override
+    assert pairs["+jointvae.discrete"] == "[4, 2]"  # not in the file: DVC's grammar adds it with +
+    assert pairs["+data.subset"] == "200000"
+    assert "seed" not in pairs and "+seed" not in pairs  # the file's own value needs no option
