@@ -38,6 +38,7 @@ from dvae_cli.params import (
     Params,
     annotated_yaml,
     experiment_arguments,
+    flatten,
     load_params,
     parse_set_options,
     value_origins,
@@ -317,6 +318,31 @@ def import_reference_command(
         ("temperature, lr, batch size", f"{config.temperature:g}, {config.lr:g}, {config.batch_size}"),
         ("parameters", f"{result.num_parameters:,}"), ("weights sha256", result.weights_sha256[:16])],
         caption=f"next: dvae encode --model {result.family} --model-dir {result.folder}")
+
+
+@app.command("info", epilog="\b\nExample: dvae info data/codes/vqvae.h5")
+@user_facing
+def info_command(
+    path: Annotated[Path, typer.Argument(help="a dataset, codes file, model or prior folder, or checkpoint")],
+    as_json: Annotated[bool, typer.Option("--json", help="print it as JSON instead of a table")] = False,
+) -> None:
+    """Say what a dvae file holds: its kind, rows per split, arrays, family and config, the hashes that tie it to its
+    dataset and model, the figures stored with it. Recognized by content; checked as the commands check it."""
+    from dvae_cli.formats.describe import describe
+
+    description = describe(path)
+    if as_json:
+        typer.echo(json.dumps(description.as_json(), indent=2))
+        return
+    show(f"{path}: {description.kind}", [(name, _cell(value)) for name, value in flatten(description.fields).items()])
+
+
+def _cell(value: object) -> str:
+    if isinstance(value, bool) or value is None or isinstance(value, (list, dict)):
+        return json.dumps(value)
+    if isinstance(value, int):
+        return f"{value:,}"
+    return f"{value:.5g}" if isinstance(value, float) else str(value)
 
 
 @app.command("params", epilog="\b\nExample: dvae params --preset jointvae-digits-cpu --set seed=3")

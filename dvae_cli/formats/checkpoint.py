@@ -71,10 +71,10 @@ def save_checkpoint(path: Path, state: TrainState) -> None:
         torch.save({"format": FORMAT, "format_version": FORMAT_VERSION, **state.capture()}, tmp)
 
 
-def read_checkpoint(path: Path, family: str) -> dict[str, Any]:
+def read_checkpoint(path: Path, family: str | None = None) -> dict[str, Any]:
     """The checkpoint's state, of any format version; every way it can be unreadable (pickled code, damage, another
-    program's file, another family) is a UserError."""
-    fix = f"delete it or pass --restart to start {family} training over"
+    program's file, another family than `family` when given) is a UserError."""
+    fix = f"delete it or pass --restart to start {family or 'the'} training over"
     if not zipfile.is_zipfile(path):
         raise UserError(f"checkpoint {path} is truncated or damaged; {fix}")
     try:
@@ -85,7 +85,7 @@ def read_checkpoint(path: Path, family: str) -> dict[str, Any]:
         raise UserError(f"checkpoint {path} is truncated or damaged; {fix}") from None
     if not isinstance(state, dict) or state.get("format") != FORMAT:
         raise UserError(f"{path} is not a dvae checkpoint; {fix}")
-    if state.get("family") != family:
+    if family is not None and state.get("family") != family:
         raise UserError(f"checkpoint {path} belongs to a {state.get('family')} model, not {family}; {fix}")
     if state.get("format_version") == FORMAT_VERSION:
         for name, kind in FIELDS.items():
