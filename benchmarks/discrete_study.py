@@ -3,18 +3,22 @@
 Usage: python benchmarks/discrete_study.py queue [--categories 2 3 4 6] [--preset jointvae-dsprites-cpu]
        dvc queue start -j 2            (then `dvc queue status` until every task is Success)
        python benchmarks/discrete_study.py collect [--categories 2 3 4 6] [--docs docs/discrete-study]
+       python benchmarks/discrete_study.py --smoke [--categories 2 3 4 6] [--preset jointvae-dsprites-cpu]
 
 `queue` queues one experiment per k, named disc-K: the preset's keys as `-S` overrides (the preset is the one
 source of the setting) plus `jointvae.discrete=[K]`, for the JointVAE chain (evaluate@jointvae render@jointvae).
 `collect` reads each experiment's metrics/jointvae.json and discrete × continuous grid from its git ref, prints a
 Markdown table (shape accuracy, NMI with shape and with every other factor, MIG, FactorVAE score, KL_c) and copies
 the grids into --docs. On a 2-core CPU each experiment trains about 40 minutes with one thread per worker.
+--smoke: `queue` printing its `dvc exp run` commands instead of running them, in a second; a check that the preset
+still reads and turns into overrides (nothing is queued: that would stash experiments in this repository).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import shlex
 import subprocess
 from pathlib import Path
 
@@ -41,13 +45,16 @@ def overrides(tree: dict, prefix: str = "") -> list[str]:
     return found
 
 
-def queue(categories: list[int], preset: str) -> None:
+def queue(categories: list[int], preset: str, dry_run: bool) -> None:
     settings = overrides(read_params_file(preset_path(preset)))
     for k in categories:
         command = ["dvc", "exp", "run", "--queue", "-n", f"disc-{k}"]
         for setting in [*settings, f"jointvae.discrete=[{k}]"]:
             command += ["-S", setting]
-        subprocess.run([*command, *TARGETS], check=True)
+        if dry_run:
+            print(shlex.join([*command, *TARGETS]))
+        else:
+            subprocess.run([*command, *TARGETS], check=True)
 
 
 def experiment_ref(name: str) -> str:
@@ -86,15 +93,18 @@ def collect(categories: list[int], docs: Path | None) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("action", choices=["queue", "collect"])
+    parser.add_argument("action", nargs="?", choices=["queue", "collect"], help="required but with --smoke")
     parser.add_argument("--categories", type=int, nargs="+", default=[2, 3, 4, 6])
     parser.add_argument("--preset", default="jointvae-dsprites-cpu")
     parser.add_argument("--docs", type=Path, help="collect: copy each experiment's discrete × continuous grid here")
+    parser.add_argument("--smoke", action="store_true", help="print the queue's commands instead of queueing them")
     args = parser.parse_args()
-    if args.action == "queue":
-        queue(args.categories, args.preset)
-    else:
+    if args.smoke or args.action == "queue":
+        queue(args.categories, args.preset, dry_run=args.smoke)
+    elif args.action == "collect":
         collect(args.categories, args.docs)
+    else:
+        parser.error("the following arguments are required: action (queue or collect)")
 
 
 if __name__ == "__main__":

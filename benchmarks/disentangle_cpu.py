@@ -1,7 +1,7 @@
 """A disentangled JointVAE on a CPU: presets/jointvae-dsprites-cpu.yaml from data to metrics, per seed.
 
 Usage: python benchmarks/disentangle_cpu.py --seed S [--seed S2 ...] [--preset NAME] [--out runs/disentangle-cpu]
-                                            [--set KEY=VALUE ...] [--docs DIR] [--results FILE]
+                                            [--set KEY=VALUE ...] [--docs DIR] [--results FILE] [--smoke]
 Targets (2-core CPU): at most 60 minutes of training; on the test split with evaluate.num_samples 10000,
 MIG ≥ 0.40 and FactorVAE score ≥ 0.76; the discrete variable's shape accuracy is reported (aim ≥ 0.9).
 
@@ -13,6 +13,8 @@ the JointVAE paper reports its MNIST runs.
 --docs DIR copies the first seed's traversals, discrete × continuous grid and curves (MIG, FactorVAE score and
 shape accuracy on the 1,000-image validation sample of `train.eval_every` against step) into DIR.
 Needs matplotlib for the curves (`pip install matplotlib`).
+--smoke: the same for seed 0 (unless given) on 600 images at 32×32, 10 steps with an evaluation every 5, into a
+temporary folder (unless --out), in seconds; a check that the benchmark still runs, its figures meaningless.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ import argparse
 import json
 import shutil
 import statistics
+import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -40,6 +43,8 @@ DOCS_FILES = {"traversals.png": "jointvae-cpu-traversals.png",
 CURVES = {"MIG": "eval/factors/mig", "FactorVAE score": "eval/factors/factorvae_score",
           "shape accuracy (c0)": "eval/labels/discrete_0/hungarian_accuracy"}
 """Series of dvclive/jointvae/plots/eval.json drawn against step; C_z comes from plots/train.json."""
+SMOKE_SETTINGS = ["data.subset=600", "data.image_size=32", "train.max_steps=10", "train.eval_every=5",
+                  "evaluate.num_samples=200", "render.steps=4"]
 
 
 @dataclass(frozen=True)
@@ -117,16 +122,27 @@ def mean_sd(values: list[float]) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--seed", type=int, action="append", required=True, help="repeatable")
+    parser.add_argument("--seed", type=int, action="append", help="repeatable; required but with --smoke")
     parser.add_argument("--preset", default="jointvae-dsprites-cpu")
-    parser.add_argument("--out", type=Path, default=Path("runs/disentangle-cpu"))
+    parser.add_argument("--out", type=Path, help="default: runs/disentangle-cpu, with --smoke a temporary folder")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override a param, as dvae's -S (repeatable)")
     parser.add_argument("--docs", type=Path, help="copy the first seed's pictures here")
     parser.add_argument("--results", type=Path, help="write the per-seed figures here as JSON")
     parser.add_argument("--restart", action="store_true", help="train again even where a seed has finished")
+    parser.add_argument("--smoke", action="store_true", help="tiny sizes, seconds: check that the benchmark runs")
     args = parser.parse_args()
+    if args.smoke:
+        args.seed, args.overrides = args.seed or [0], [*SMOKE_SETTINGS, *args.overrides]
+    elif not args.seed:
+        parser.error("the following arguments are required: --seed")
+    with tempfile.TemporaryDirectory() as scratch:
+        args.out = args.out or (Path(scratch) if args.smoke else Path("runs/disentangle-cpu"))
+        run(args)
 
+
+def run(args: argparse.Namespace) -> None:
+    """The seeds of `args`, each into its folder under args.out, and their figures."""
     results = []
     for seed in args.seed:
         folder = args.out / f"seed-{seed}"

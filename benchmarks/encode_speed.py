@@ -1,7 +1,7 @@
 """Throughput and peak memory of `dvae encode` on dSprites.
 
 Usage: python benchmarks/encode_speed.py [--family vqvae] [--rows 10000 100000] [--image-size 64]
-                                         [--params params.yaml] [--set key=value ...] [--keep DIR]
+                                         [--params params.yaml] [--set key=value ...] [--keep DIR] [--smoke]
 
 The model is an untrained one of the params' configuration (built-in defaults unless --params/--set say
 otherwise): throughput does not depend on the weights. For each row count it prepares a dSprites dataset, then
@@ -12,6 +12,8 @@ prints
 - for every row count, the peak RSS of `dvae encode` in a subprocess.
 Targets: encode at least 0.9 of the pure forward throughput; peak RSS that does not grow with the row count
 beyond the dataset's per-row arrays (labels and factors, about 70 bytes a row for dSprites).
+--smoke: the same at 200 rows of 32×32 images and 1 round, in seconds; a check that the benchmark still runs, its
+figures meaningless.
 """
 
 from __future__ import annotations
@@ -75,7 +77,11 @@ def main() -> None:
     parser.add_argument("--params", type=Path, default=Path("params.yaml"))
     parser.add_argument("--set", dest="set_options", action="append", default=[], help="override a param: key=value")
     parser.add_argument("--keep", type=Path, default=None, help="work in this folder and keep it")
+    parser.add_argument("--smoke", action="store_true", help="tiny sizes, seconds: check that the benchmark runs")
     args = parser.parse_args()
+    if args.smoke:
+        args.rows, args.image_size = [200], 32
+    rounds = 1 if args.smoke else ROUNDS
 
     overrides = {"data.dataset": "dsprites", "data.image_size": args.image_size, "data.channels": 1,
                  **parse_set_options(args.set_options)}
@@ -105,7 +111,7 @@ def main() -> None:
             images = torch.from_numpy(dataset.read_images())
         # Alternating rounds, best of each: the two figures see the same machine load.
         forward_rates, encode_rates = [], []
-        for _ in range(ROUNDS):
+        for _ in range(rounds):
             forward_rates.append(forward_images_per_second(model, images, batch_size, runtime))
             encoded = encode.run(params, args.family, EncodePaths(datasets[first], model_dir,
                                                                       folder / "codes.h5"), show_progress=False)

@@ -1,12 +1,14 @@
 """What `train.eval_every` costs: training with the periodic evaluation against the same training without it.
 
-Usage: python benchmarks/eval_cost.py [--family jointvae] [--steps 500] [--rounds 3]
+Usage: python benchmarks/eval_cost.py [--family jointvae] [--steps 500] [--rounds 3] [--smoke]
 Target (2-core CPU): at most 5 % of training time at the shipped setting (params.yaml's train.eval_every).
 
 The shipped quick configuration of the family (./params.yaml) on its 20,000-image dSprites subset; each round
 trains --steps steps twice in this process, with eval_every off and at the shipped value, in alternating order
 (the machine is shared and noisy: the figure is the median of the per-round ratios, measured side by side).
 The evaluation runs at every multiple of eval_every and at the last step, as in a full run.
+--smoke: the same on 1,000 images at 32×32, 4 steps (one evaluation, at the last) and 1 round, in seconds; a check
+that the benchmark still runs, its figures meaningless.
 """
 
 from __future__ import annotations
@@ -37,17 +39,22 @@ def main() -> None:
     parser.add_argument("--family", default="jointvae")
     parser.add_argument("--steps", type=int, default=500)
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--smoke", action="store_true", help="tiny sizes, seconds: check that the benchmark runs")
     args = parser.parse_args()
+    if args.smoke:
+        args.steps, args.rounds = 4, 1
+    data = {"data.subset": 1000, "data.image_size": 32} if args.smoke else {}
     params_path = Path("params.yaml")
     shipped = load_params(params_path, missing_ok=True).train.eval_every
     if shipped is None:
         raise SystemExit("params.yaml sets train.eval_every to null: nothing to measure")
-    common = {"train.max_steps": args.steps, "train.checkpoint_every": args.steps}
+    common = {**data, "train.max_steps": args.steps, "train.checkpoint_every": args.steps}
     settings = {"off": {**common, "train.eval_every": None}, "on": {**common, "train.eval_every": shipped}}
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         dataset = root / "dataset.h5"
-        prepare.run(load_params(params_path, missing_ok=True), prepare.PreparePaths(dataset), show_progress=False)
+        prepare.run(load_params(params_path, data, missing_ok=True), prepare.PreparePaths(dataset),
+                    show_progress=False)
         seconds: dict[str, list[float]] = {"off": [], "on": []}
         for round_ in range(args.rounds):
             for name in (("off", "on") if round_ % 2 == 0 else ("on", "off")):

@@ -1,12 +1,14 @@
 """Time `dvae evaluate` on 10,000 dSprites test images and print the seconds each group of metrics takes.
 
-Usage: python benchmarks/evaluate_speed.py [--steps N] [--dci] [--families jointvae vqvae]
+Usage: python benchmarks/evaluate_speed.py [--steps N] [--dci] [--families jointvae vqvae] [--smoke]
 Target (2-core CPU): at most 60 s per model with metrics read from an existing codes file and DCI off.
 
 Setup (not timed): a 20,000-image 64×64 dSprites subset split half train, half test; each model built from
 the model settings of ./params.yaml (the shipped quick configuration, or the built-in defaults without one)
 and trained briefly (--steps, 100 by default: enough for a k-means-seeded codebook and non-trivial latents,
 not a converged model); then `dvae encode`. Only `evaluate` is timed. --dci adds DCI (2,000-point subsample).
+--smoke: the same on 200 test images at 32×32 after 4 steps, in seconds; a check that the benchmark still runs, its
+figures meaningless.
 """
 
 from __future__ import annotations
@@ -33,11 +35,15 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=100, help="training steps of each model before encoding")
     parser.add_argument("--dci", action="store_true", help="also compute DCI (slow)")
     parser.add_argument("--families", nargs="+", default=list(FAMILIES), choices=list(FAMILIES))
+    parser.add_argument("--smoke", action="store_true", help="tiny sizes, seconds: check that the benchmark runs")
     args = parser.parse_args()
+    test_images, image_size = (200, 32) if args.smoke else (TEST_IMAGES, 64)
+    if args.smoke:
+        args.steps = 4
     params = load_params(Path("params.yaml"), {
-        "data.dataset": "dsprites", "data.subset": 2 * TEST_IMAGES, "data.image_size": 64, "data.channels": 1,
+        "data.dataset": "dsprites", "data.subset": 2 * test_images, "data.image_size": image_size, "data.channels": 1,
         "data.split": [0.5, 0.0, 0.5], "train.max_steps": args.steps, "train.checkpoint_every": args.steps,
-        "evaluate.num_samples": TEST_IMAGES, "evaluate.dci": args.dci}, missing_ok=True)
+        "evaluate.num_samples": test_images, "evaluate.dci": args.dci}, missing_ok=True)
     with tempfile.TemporaryDirectory() as folder:
         root = Path(folder)
         dataset = root / "dataset.h5"

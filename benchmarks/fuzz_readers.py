@@ -2,7 +2,7 @@
 or one `UserError` (what the commands turn into one line and exit 2), never another exception, never a hang, and
 never a change to the file read.
 
-Usage: python benchmarks/fuzz_readers.py [--cases N] [--seed S] [--reader NAME ...] [--results FILE]
+Usage: python benchmarks/fuzz_readers.py [--cases N] [--seed S] [--reader NAME ...] [--results FILE] [--smoke]
 
 Setup (once, in a temporary folder): a 200-image dSprites dataset at 32×32, a VQ-VAE and a JointVAE trained a few
 steps with their checkpoints, both codes files, a prior over the VQ-VAE codes, params.yaml and a reference
@@ -11,6 +11,8 @@ specs.json. Each case copies one file (or folder), applies one mutation drawn fr
 edited; for JSON and YAML a value edited, removed or added — and reads it with the reader of the command that takes
 it (`READERS`). Printed per reader: cases, cases/s, refused (UserError), read (a valid result), internal errors (the
 first few named, with the seed that makes them) and hangs; --results writes the same as JSON.
+--smoke: 2 cases per reader, in seconds; a check that the benchmark still runs (tests/test_fuzz_readers.py runs a
+seeded budget of the cases themselves).
 """
 
 from __future__ import annotations
@@ -39,7 +41,6 @@ from dvae_cli.formats.checkpoint import CHECKPOINT, TrainState, resume
 from dvae_cli.formats.codes import CodesFile
 from dvae_cli.formats.dataset import DatasetFile
 from dvae_cli.formats.model_folder import load_model, load_prior
-from dvae_cli.models import get_family
 from dvae_cli.models.base import invalid_latent
 from dvae_cli.models.jointvae.config import JointVAEConfig
 from dvae_cli.params import build_params, load_params
@@ -317,7 +318,10 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--reader", action="append", choices=list(READERS), help="repeatable (default: all)")
     parser.add_argument("--results", type=Path, help="write the tallies here as JSON")
+    parser.add_argument("--smoke", action="store_true", help="tiny sizes, seconds: check that the benchmark runs")
     args = parser.parse_args()
+    if args.smoke:
+        args.cases = 2
     torch.set_num_threads(1)
     results = {}
     with tempfile.TemporaryDirectory() as folder:

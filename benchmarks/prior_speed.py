@@ -1,7 +1,7 @@
 """The prior over VQ-VAE codes: training tokens/s of dvae's loop against a plain eager loop, and sampling with a
 key/value cache against sampling without.
 
-Usage: python benchmarks/prior_speed.py [--steps N] [--rounds R] [--samples S]
+Usage: python benchmarks/prior_speed.py [--steps N] [--rounds R] [--samples S] [--smoke]
 
 Setup (once): the quick default's dSprites subset at 64×64 (4,000 images), the shipped VQ-VAE trained 40 steps and
 its codes: 16×16 code maps of K = 64 codes, so 256 tokens a map, conditioned on the shape. The prior is the shipped
@@ -14,6 +14,8 @@ its second half. Printed: median tokens/s of each and the median of the per-roun
 Ceiling: the prior's forward+backward FLOPs per token against the fp32 matmul peak measured here.
 Sampling: S maps drawn by `CodePrior.sample` with and without the cache (same uniforms, so the same codes, checked);
 medians over R rounds and their ratio.
+--smoke: the same at 400 images, the VQ-VAE trained 4 steps, 4 prior steps, 1 round and 2 samples, in seconds; a
+check that the benchmark still runs, its figures meaningless.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ import multiprocessing
 import statistics
 import tempfile
 import time
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import Executor, ProcessPoolExecutor, ThreadPoolExecutor
 from pathlib import Path
 
 import torch
@@ -42,8 +44,9 @@ from dvae_cli.stages.train import TrainPaths
 RAW = {"data": {"dataset": "dsprites", "image_size": 64, "subset": 4000}, "train": {"eval_every": None}}
 
 
-def make_codes(root: Path) -> None:
-    params = build_params({**RAW, "train": {"max_steps": 40, "eval_every": None}})
+def make_codes(root: Path, images: int, steps: int) -> None:
+    params = build_params({**RAW, "data": {**RAW["data"], "subset": images},
+                           "train": {"max_steps": steps, "eval_every": None}})
     dataset = root / "dataset.h5"
     prepare.run(params, prepare.PreparePaths(dataset), show_progress=False)
     train.run(params, "vqvae", TrainPaths(dataset, root / "vqvae", root / "live-vqvae"), show_progress=False)
@@ -129,33 +132,41 @@ def ceiling(root: str) -> tuple[float, float]:
     return per_token, 20 * 2 * 1024**3 / (time.perf_counter() - started)
 
 
+def fresh_interpreter(smoke: bool) -> Executor:
+    """Where one measurement runs: a fresh interpreter, so that nothing process-wide one sets reaches the next; a smoke
+    run saves the start and runs it in a thread of this one."""
+    return ThreadPoolExecutor(1) if smoke else ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--steps", type=int, default=60)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--samples", type=int, default=16)
+    parser.add_argument("--smoke", action="store_true", help="tiny sizes, seconds: check that the benchmark runs")
     args = parser.parse_args()
+    if args.smoke:
+        args.steps, args.rounds, args.samples = 4, 1, 2
     with tempfile.TemporaryDirectory() as folder:
-        make_codes(Path(folder))
-        spawn = multiprocessing.get_context("spawn")
+        make_codes(Path(folder), 400 if args.smoke else RAW["data"]["subset"], 4 if args.smoke else 40)
         ours, theirs, ratios = [], [], []
         for round_ in range(args.rounds):
-            with ProcessPoolExecutor(1, mp_context=spawn) as pool:
+            with fresh_interpreter(args.smoke) as pool:
                 ours.append(pool.submit(time_dvae, folder, args.steps, round_).result())
-            with ProcessPoolExecutor(1, mp_context=spawn) as pool:
+            with fresh_interpreter(args.smoke) as pool:
                 theirs.append(pool.submit(time_baseline, folder, args.steps).result())
             ratios.append(ours[-1] / theirs[-1])
             print(f"round {round_ + 1}: dvae prior {ours[-1]:,.0f} tokens/s, DataLoader loop {theirs[-1]:,.0f} "
                   f"tokens/s ({ratios[-1]:.2f}×)", flush=True)
         print(f"training: dvae prior {statistics.median(ours):,.0f} tokens/s, plain DataLoader loop "
               f"{statistics.median(theirs):,.0f} tokens/s, median ratio {statistics.median(ratios):.2f}×")
-        with ProcessPoolExecutor(1, mp_context=spawn) as pool:
+        with fresh_interpreter(args.smoke) as pool:
             per_token, peak = pool.submit(ceiling, folder).result()
         print(f"ceiling: {per_token / 1e6:.2f} MFLOP per token (forward+backward), fp32 matmul peak "
               f"{peak / 1e9:.0f} GFLOP/s → at most {peak / per_token:,.0f} tokens/s; dvae reaches "
               f"{statistics.median(ours) * per_token / peak:.0%} of it, the DataLoader loop "
               f"{statistics.median(theirs) * per_token / peak:.0%}")
-        with ProcessPoolExecutor(1, mp_context=spawn) as pool:
+        with fresh_interpreter(args.smoke) as pool:
             cached, uncached = pool.submit(time_sampling, folder, args.samples, args.rounds).result()
         print(f"sampling {args.samples} maps of 256 codes: with the key/value cache {cached:.2f} s, without "
               f"{uncached:.2f} s ({uncached / cached:.1f}×), same codes")

@@ -1,6 +1,7 @@
 """Training images/s of dvae's trainer beside the way reference implementations feed the same model.
 
-Usage: python benchmarks/train_speed.py --model jointvae|vqvae [--steps N] [--rounds R] [--device auto|cpu|cuda]
+Usage: python benchmarks/train_speed.py [--model jointvae|vqvae] [--steps N] [--rounds R] [--device auto|cpu|cuda]
+                                        [--smoke]
 
 dvae: `dvae_cli.stages.train.run` itself (uint8 data in memory, batched by index, channels_last, autocast where
 the runtime picks it, glibc keeping freed memory on CPU), timed over its second half of steps (the first half
@@ -12,6 +13,8 @@ the two alternate for R rounds and the medians are printed, with the median of t
 shared machines drift by tens of percent within minutes; a ratio of neighbouring runs holds).
 Also printed: forward+backward FLOPs per image (torch's FlopCounterMode), and the fraction of the resulting
 ceiling each reaches at the fp32 matmul peak measured in the same interpreter right after it (median of rounds).
+--smoke: the same runs at batch 8, 4 steps, 1 round and a 256² matmul peak, in seconds; a check that the benchmark
+still runs, its figures meaningless.
 """
 
 from __future__ import annotations
@@ -22,8 +25,8 @@ import multiprocessing
 import statistics
 import tempfile
 import time
-from concurrent.futures import ProcessPoolExecutor
-from dataclasses import dataclass
+from concurrent.futures import Executor, ProcessPoolExecutor, ThreadPoolExecutor
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -40,6 +43,8 @@ from dvae_cli.params import build_params, load_params
 from dvae_cli.sources.dsprites import DSpritesRenderer
 from dvae_cli.stages import train
 from dvae_cli.stages.train import TrainPaths
+
+SMOKE_BATCH = 8
 
 
 @dataclass(frozen=True)
@@ -140,8 +145,8 @@ def flops_per_image(setup: Setup) -> float:
     return counter.get_total_flops() / len(x)
 
 
-def matmul_peak_gflops(device: torch.device) -> float:
-    a, b = torch.randn(2048, 2048, device=device), torch.randn(2048, 2048, device=device)
+def matmul_peak_gflops(device: torch.device, size: int) -> float:
+    a, b = torch.randn(size, size, device=device), torch.randn(size, size, device=device)
     for _ in range(3):
         a @ b
     best = float("inf")
@@ -153,33 +158,45 @@ def matmul_peak_gflops(device: torch.device) -> float:
         if device.type == "cuda":
             torch.cuda.synchronize()
         best = min(best, time.perf_counter() - started)
-    return 2 * 2048**3 / best / 1e9
+    return 2 * size**3 / best / 1e9
 
 
-def measure(kind: str, setup: Setup, steps: int, device: str, folder: Path) -> tuple[float, float]:
+def measure(kind: str, setup: Setup, steps: int, device: str, folder: Path, matmul_size: int) -> tuple[float, float]:
     """One measurement, run in its own interpreter by `main`: images/s, then the matmul peak measured right after."""
     torch_device = resolve_runtime(build_params({"runtime": {"device": device}}).runtime).device
     if kind == "dvae":
         speed = dvae_images_per_second(setup, folder / f"{setup.family}.h5", steps, device, folder)
     else:
         speed = baseline_images_per_second(setup, np.load(folder / f"{setup.family}.npy"), steps, torch_device)
-    return speed, matmul_peak_gflops(torch_device)
+    return speed, matmul_peak_gflops(torch_device, matmul_size)
+
+
+def fresh_interpreter(smoke: bool) -> Executor:
+    """Where one measurement runs: a fresh interpreter, so that nothing process-wide one sets reaches the next; a smoke
+    run saves the start and runs it in a thread of this one."""
+    return ThreadPoolExecutor(1) if smoke else ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"))
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", choices=("jointvae", "vqvae"), required=True)
+    parser.add_argument("--model", choices=("jointvae", "vqvae"), default="jointvae")
     parser.add_argument("--steps", type=int, default=60, help="training steps per measurement (timed: the second half)")
     parser.add_argument("--rounds", type=int, default=3, help="alternating dvae/baseline measurements per setup")
     parser.add_argument("--device", default="auto")
+    parser.add_argument("--smoke", action="store_true", help="tiny sizes, seconds: check that the benchmark runs")
     args = parser.parse_args()
+    if args.smoke:
+        args.steps, args.rounds = 4, 1
+    matmul_size = 256 if args.smoke else 2048
     device = resolve_runtime(build_params({"runtime": {"device": args.device}}).runtime).device
     print(f"device {device}, torch {torch.__version__}, {torch.get_num_threads()} threads")
     results = []
-    spawn = multiprocessing.get_context("spawn")
     with tempfile.TemporaryDirectory() as name:
         folder = Path(name)
         for setup in setups(args.model):
+            if args.smoke:
+                setup = replace(setup, name=f"{setup.name} (smoke: batch {SMOKE_BATCH})", batch_size=SMOKE_BATCH,
+                                model={**setup.model, "batch_size": SMOKE_BATCH})
             steps = args.steps if setup.model.get("hidden", 0) < 256 else max(10, args.steps // 3)
             images = make_images(setup, max(4096, setup.batch_size * (steps + 1)))
             np.save(folder / f"{setup.family}.npy", images)
@@ -191,8 +208,9 @@ def main() -> None:
             for round_index in range(args.rounds):
                 order = ("dvae", "baseline") if round_index % 2 == 0 else ("baseline", "dvae")
                 for kind in order:
-                    with ProcessPoolExecutor(1, mp_context=spawn) as pool:
-                        speed, peak = pool.submit(measure, kind, setup, steps, args.device, folder).result()
+                    with fresh_interpreter(args.smoke) as pool:
+                        speed, peak = pool.submit(measure, kind, setup, steps, args.device, folder,
+                                                  matmul_size).result()
                     speeds[kind].append(speed)
                     shares[kind].append(speed * flops / (peak * 1e9))
                     peaks.append(peak)
