@@ -37,7 +37,7 @@ def identify(path: Path) -> Artifact | None:
             if record.get("family") == PRIOR.name:
                 return Artifact("prior folder", PRIOR_MAKER)
             return Artifact("model folder", REFERENCE_MAKER if "reference" in record else TRAIN_MAKER)
-        if path.is_file() and h5py.is_hdf5(path):
+        if path.is_file() and h5py.is_hdf5(path) and dataset.headers_end(path):
             with h5py.File(path, "r") as file:
                 found = file.attrs.get("format")
                 if found == dataset.FORMAT:

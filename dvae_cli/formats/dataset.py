@@ -10,9 +10,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
-from collections.abc import Iterator, Sequence
+import os
+import signal
+import time
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -263,10 +267,56 @@ def unreadable_is_damaged(path: Path | str, maker: str) -> Iterator[None]:
         raise UserError(f"{path} is damaged, HDF5 cannot read it ({cause}); re-create it with `{maker}`") from None
 
 
+HEADERS_SECONDS = 20.0
+"""How long reading an HDF5 file's attributes may take before the file counts as damaged."""
+
+
+def ends_in_time(work: Callable[[], object], seconds: float) -> bool:
+    """Whether `work` ends within `seconds`, run in a forked child (its errors are left to the caller's own reading).
+
+    Some damage in an HDF5 file's heap makes the HDF5 library loop forever inside one call, which no signal
+    interrupts (a single flipped bit did, found by benchmarks/fuzz_readers.py); only another process can be stopped.
+    """
+    if not hasattr(os, "fork"):
+        return True
+    child = os.fork()
+    if child == 0:
+        try:
+            work()
+        finally:
+            os._exit(0)
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if os.waitpid(child, os.WNOHANG)[0]:
+            return True
+        time.sleep(0.001)
+    os.kill(child, signal.SIGKILL)
+    os.waitpid(child, 0)
+    return False
+
+
+def _read_attributes(path: Path) -> None:
+    """Read each root attribute the file lists and the two every reader asks for, ignoring every error."""
+    with h5py.File(path, "r") as file:
+        names = {"format", "format_version"}
+        with contextlib.suppress(Exception):
+            names |= set(file.attrs)
+        for name in names:
+            with contextlib.suppress(Exception):
+                file.attrs.get(name)
+
+
+def headers_end(path: Path) -> bool:
+    """Whether the root attributes of the HDF5 file at `path` read in finite time."""
+    return ends_in_time(lambda: _read_attributes(path), HEADERS_SECONDS)
+
+
 def open_hdf5(path: Path, expected_format: str, expected_version: int, what: str, maker: str) -> h5py.File:
     """Open an HDF5 file of dvae's `expected_format`, turning every way it can be wrong into a UserError."""
     if not path.exists():
         raise UserError(f"{what} file {path} not found; create it with `{maker}`")
+    if not headers_end(path):
+        raise UserError(f"{path} is damaged, reading its HDF5 headers does not end; re-create it with `{maker}`")
     try:
         file = h5py.File(path, "r")
     except OSError:

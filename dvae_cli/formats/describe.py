@@ -71,6 +71,9 @@ def _dataset_info(info: dataset.DatasetInfo) -> dict[str, Any]:
 
 
 def _hdf5(path: Path) -> Description:
+    if not dataset.headers_end(path):
+        raise UserError(f"{path} is damaged, reading its HDF5 headers does not end; re-create it with the command "
+                        "that wrote it")
     try:
         with h5py.File(path, "r") as file:
             found = file.attrs.get("format")
