@@ -31,6 +31,8 @@ LABELS = {
 }
 """What README quotes of each script's output. A new script fails until it has a --smoke mode and its labels here."""
 CACHES = {"__pycache__", ".pytest_cache", ".ruff_cache", ".hypothesis"}
+SCRATCH = ".dvc/tmp/"
+"""DVC's own scratch folder: DVCLive touches it (btime) when a run starts inside a DVC project."""
 
 
 def repository_files() -> dict[str, tuple[int, int]]:
@@ -40,7 +42,7 @@ def repository_files() -> dict[str, tuple[int, int]]:
     files = {}
     for name in filter(None, listed):
         path = ROOT / name
-        if path.is_file() and not CACHES.intersection(Path(name).parts):
+        if path.is_file() and not CACHES.intersection(Path(name).parts) and not name.startswith(SCRATCH):
             files[name] = (path.stat().st_size, path.stat().st_mtime_ns)
     return files
 
