@@ -282,14 +282,21 @@ def ends_in_time(work: Callable[[], object], seconds: float) -> bool:
     child = os.fork()
     if child == 0:
         try:
+            for signum in (signal.SIGINT, signal.SIGTERM):  # a Ctrl-C of the terminal ends it, even inside HDF5
+                signal.signal(signum, signal.SIG_DFL)
             work()
         finally:
             os._exit(0)
     deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        if os.waitpid(child, os.WNOHANG)[0]:
-            return True
-        time.sleep(0.001)
+    try:
+        while time.monotonic() < deadline:
+            if os.waitpid(child, os.WNOHANG)[0]:
+                return True
+            time.sleep(0.001)
+    except BaseException:  # Ctrl-C while waiting: the child must not outlive the command
+        os.kill(child, signal.SIGKILL)
+        os.waitpid(child, 0)
+        raise
     os.kill(child, signal.SIGKILL)
     os.waitpid(child, 0)
     return False
