@@ -33,12 +33,12 @@ from dvae_cli.command import (
     user_facing,
 )
 from dvae_cli.core.errors import warn
+from dvae_cli.core.schema import flatten
 from dvae_cli.models import FAMILIES, code_map_name
 from dvae_cli.params import (
     Params,
     annotated_yaml,
     experiment_arguments,
-    flatten,
     load_params,
     parse_set_options,
     value_origins,
@@ -179,7 +179,6 @@ def evaluate_command(
     force: ForceOption = False,
 ) -> None:
     """Compute the metrics of a trained model on the test split (val when there is none) into metrics/MODEL.json."""
-    from dvae_cli.scoring.evaluation import flatten
     from dvae_cli.stages import evaluate
 
     paths = evaluate.EvaluatePaths.of(model, model_dir=model_dir, dataset=dataset, codes=codes, metrics=out)

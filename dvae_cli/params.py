@@ -22,7 +22,7 @@ import yaml
 
 from dvae_cli.core.errors import UserError
 from dvae_cli.core.runtime_config import RuntimeConfig
-from dvae_cli.core.schema import DERIVED, KeyName, build, convert, param
+from dvae_cli.core.schema import DERIVED, KeyName, build, convert, flatten, param
 from dvae_cli.models import FAMILIES, SECTIONS
 from dvae_cli.scoring.config import EvaluateConfig
 from dvae_cli.sources import DataConfig
@@ -182,17 +182,6 @@ def load_params(path: Path | str = "params.yaml", overrides: dict[str, Any] | No
     for dotted, value in (overrides or {}).items():
         apply_override(raw, dotted, value)
     return build_params(raw)
-
-
-def flatten(mapping: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
-    """Nested sections as dotted key → value (a list is one value)."""
-    flat: dict[str, Any] = {}
-    for key, value in mapping.items():
-        if isinstance(value, Mapping) and value:
-            flat.update(flatten(value, f"{prefix}{key}."))
-        else:
-            flat[f"{prefix}{key}"] = value
-    return flat
 
 
 def value_origins(path: Path | str, overrides: Mapping[str, Any] | None = None, missing_ok: bool = False,

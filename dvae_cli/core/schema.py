@@ -13,7 +13,7 @@ import difflib
 import math
 import types
 import typing
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import field
 from typing import Any, Literal
 
@@ -141,3 +141,14 @@ def build(cls: type, raw: dict[str, Any], prefix: str = "", also_allowed: Sequen
     if validate is not None:
         validate(lambda name: f"{prefix}.{name}" if prefix else name)
     return instance
+
+
+def flatten(sections: Mapping[str, Any], separator: str = ".") -> dict[str, Any]:
+    """Nested sections as one level: {"factors": {"mig": m}} → {"factors<separator>mig": m} (a list is one value)."""
+    flat: dict[str, Any] = {}
+    for name, value in sections.items():
+        if isinstance(value, Mapping):
+            flat.update({f"{name}{separator}{inner}": v for inner, v in flatten(value, separator).items()})
+        else:
+            flat[name] = value
+    return flat

@@ -247,17 +247,6 @@ def finite_only(sections: Sections) -> Sections:
     return kept
 
 
-def flatten(sections: Sections, separator: str) -> dict[str, Any]:
-    """Nested sections as one level: {"factors": {"mig": m}} → {"factors<separator>mig": m}."""
-    flat: dict[str, Any] = {}
-    for name, value in sections.items():
-        if isinstance(value, dict):
-            flat.update({f"{name}{separator}{inner}": v for inner, v in flatten(value, separator).items()})
-        else:
-            flat[name] = value
-    return flat
-
-
 def evaluation_sections(run: Evaluation, family_metrics: Callable[[Evaluation], Sections]) -> Sections:
     """What metrics/M.json holds: the split, reconstruction figures, the family's sections; finite numbers only."""
     return finite_only({"evaluation": {"split": run.split, "images": len(run.rows)},

@@ -22,6 +22,7 @@ from dvae_cli.core import layout
 from dvae_cli.core.errors import warn
 from dvae_cli.core.files import sha256_file
 from dvae_cli.core.runtime import Runtime
+from dvae_cli.core.schema import flatten
 from dvae_cli.core.splits import TRAIN, VAL
 from dvae_cli.core.tensors import float32_if_floating
 from dvae_cli.formats.artifact import TRAIN_MAKER
@@ -34,7 +35,6 @@ from dvae_cli.scoring.evaluation import (
     ArraysInMemory,
     Evaluation,
     evaluation_sections,
-    flatten,
     reconstruction_totals,
 )
 from dvae_cli.scoring.metrics import pixel_histogram, pixel_variance
