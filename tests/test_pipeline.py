@@ -20,7 +20,7 @@ from dvae_cli.formats.dataset import DatasetFile
 from tests.conftest import TINY_PARAMS
 
 PROJECT = Path(__file__).resolve().parents[1]
-COPIED = ["dvc.yaml", ".dvc/config", ".dvcignore", ".gitignore", "dvae_cli", "pyproject.toml"]
+COPIED = ["dvc.yaml", ".dvc/config", ".dvc/plots", ".dvcignore", ".gitignore", "dvae_cli", "pyproject.toml"]
 
 
 def merged(base: dict, changes: dict) -> dict:
@@ -128,6 +128,10 @@ def test_dvc_shows_metrics_and_plots(project: Path) -> None:
     kl_z = plots["data"]["jointvae-kl-z"][0]["content"]["data"]["values"]
     assert {point["field"] for point in kl_z} == {f"train/kl_z_{i}" for i in range(6)} | {"train/kl_z",
                                                                                           "train/capacity_z"}
+    rate_distortion = plots["data"]["renders/vqvae-prior/rate_distortion.csv"][0]["content"]
+    assert rate_distortion["encoding"]["color"]["field"] == "method"
+    assert {"method", "setting"} <= {tip["field"] for tip in rate_distortion["encoding"]["tooltip"]}
+    assert {point["method"] for point in rate_distortion["data"]["values"]} >= {"vqvae", "vqvae+prior", "jpeg", "webp"}
 
 
 def test_a_fresh_clone_draws_the_committed_curves_and_pictures(project: Path, tmp_path: Path) -> None:
