@@ -344,6 +344,31 @@ def _cell(value: object) -> str:
     return f"{value:.5g}" if isinstance(value, float) else str(value)
 
 
+@app.command("export", epilog="\b\nExample: dvae export models/vqvae --out exports/vqvae")
+@user_facing
+def export_command(
+    source: Annotated[Path, typer.Argument(help="a model folder (models/M) or a codes file (data/codes/M.h5)")],
+    out: path_option("folder to write [default: exports/M, or exports/M-codes for a codes file]") = None,
+    onnx: Annotated[bool | None, typer.Option(
+        "--onnx/--no-onnx", help="also write ONNX programs (needs the onnx extra) [default: when it is installed]",
+        show_default=False)] = None,
+    force: Annotated[bool, typer.Option(help="replace OUT when it exists")] = False,
+) -> None:
+    """Export a model's encoder and decoder as torch.export programs (and ONNX), or a codes file as a Hugging Face
+    datasets folder that keeps class names, codebook and hashes. Each program is checked against the model."""
+    from dvae_cli.formats.export import ExportPaths, export
+
+    result = export(ExportPaths.of(source, out), onnx=onnx, force=force)
+    checked = bool(result.checks)
+    show(result.what, [(name, f"{(result.out / name).stat().st_size:,}",
+                        *((f"{result.checks[name]:.2g}" if name in result.checks else "",) if checked else ()))
+                       for name in result.files],
+         ("file", "bytes", *(("|Δ| vs the model",) if checked else ())),
+         caption=f"in {result.out} ({result.seconds:.1f} s)" + (
+             "; |Δ|: on a random batch, the largest difference of floats, the share of codes that differ"
+             if checked else ""))
+
+
 @app.command("params", epilog="\b\nExample: dvae params --preset jointvae-digits-cpu --set seed=3")
 @user_facing
 def params_command(

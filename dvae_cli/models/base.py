@@ -80,6 +80,10 @@ class DiscreteVAE(Trainable):
         """Images in [0, 1] from a representation as `encode` returns it (or as the codes file holds it)."""
         raise NotImplementedError
 
+    def decode_inputs(self) -> tuple[str, ...]:
+        """The arrays of `encode` that `decode` reads (an exported decoder takes these, in this order)."""
+        raise NotImplementedError
+
     @torch.no_grad()
     def reconstruct(self, x: Tensor) -> Tensor:
         """Evaluation-mode reconstruction in [0, 1]: decode(encode(x))."""

@@ -235,6 +235,9 @@ class JointVAE(DiscreteVAE):
         categories = latent["discrete"] if self.discrete else torch.zeros(rows, 0, dtype=torch.long)
         return self.decode_latent(z, categories)
 
+    def decode_inputs(self) -> tuple[str, ...]:
+        return (("continuous_mean",) if self.continuous else ()) + (("discrete",) if self.discrete else ())
+
     @torch.no_grad()
     def decode_latent(self, z: Tensor, categories: Tensor) -> Tensor:
         """Images in [0, 1] from continuous values z [N, d] and category indices [N, n_discrete] (any integer dtype).

@@ -150,6 +150,9 @@ class VQVAE(DiscreteVAE):
     def decode(self, latent: dict[str, Tensor]) -> Tensor:
         return self.decode_codes(latent["codes"])
 
+    def decode_inputs(self) -> tuple[str, ...]:
+        return ("codes",)
+
     def epoch_logs(self, counts: dict[str, Tensor]) -> dict[str, float]:
         """Codebook health: share of codes used this epoch, codes currently dead, restarts so far.
 
