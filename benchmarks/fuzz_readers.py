@@ -39,7 +39,7 @@ import yaml
 from dvae_cli.core.errors import UserError
 from dvae_cli.formats.checkpoint import CHECKPOINT, TrainState, resume
 from dvae_cli.formats.codes import CodesFile
-from dvae_cli.formats.dataset import DatasetFile
+from dvae_cli.formats.dataset import HEADERS_SECONDS, DatasetFile
 from dvae_cli.formats.model_folder import load_model, load_prior
 from dvae_cli.models.base import invalid_latent
 from dvae_cli.models.jointvae.config import JointVAEConfig
@@ -47,7 +47,8 @@ from dvae_cli.params import build_params, load_params
 from dvae_cli.stages import encode, prepare, prior, train
 from dvae_cli.stages.import_reference import read_specs
 
-TIMEOUT_SECONDS = 20
+TIMEOUT_SECONDS = int(HEADERS_SECONDS) + 10
+"""A case that takes longer hangs; a damaged HDF5 header is refused after HEADERS_SECONDS, which is no hang."""
 PARAMS = {"seed": 3, "data": {"subset": 200, "image_size": 32},
           "train": {"checkpoint_every": 1000, "log_every": 2, "max_steps": 4, "eval_every": None},
           "jointvae": {"continuous": 3, "discrete": [3], "batch_size": 16, "epochs": 1},
