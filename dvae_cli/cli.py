@@ -185,7 +185,8 @@ def evaluate_command(
     result = evaluate.run(params, model, paths, force=force)
     notes(result.notes)
     show(f"{model}: {result.split_name} split, {result.num_images:,} images",
-         [(name, str(value) if isinstance(value, int) else value) for name, value in flatten(result.metrics, ".").items()],
+         [(name, str(value) if isinstance(value, int) else value)
+          for name, value in flatten(result.metrics, ".").items()],
          ("metric", "value"), caption=f"written to {result.path}")
 
 
@@ -255,17 +256,36 @@ def sample_command(
     model_dir: path_option("model folder that decodes [default: models/MODEL]") = None,
     out: path_option("PNG of the samples [default: renders/MODEL-prior/prior_samples.png]") = None,
     codes_out: path_option("codes file of the drawn maps [default: data/codes/MODEL-samples.h5]") = None,
+    metrics_out: path_option("the samples' scores as JSON [default: metrics/MODEL-samples.json]") = None,
+    truth: Annotated[bool | None, typer.Option(
+        "--truth/--no-truth", help="score the samples against the true dSprites images [default: on dSprites data]",
+        show_default=False)] = None,
     force: ReplaceOption = False,
 ) -> None:
-    """Draw code maps from the prior and decode them: a PNG grid and a codes file `dvae decode` reads."""
+    """Draw code maps from the prior and decode them: a PNG grid, a codes file `dvae decode` reads and, on dSprites,
+    how many samples are true sprites (of the asked shape) and which factor values they reach."""
     code_map_name(model)
     from dvae_cli.stages import sample
 
-    paths = sample.SamplePaths.of(model, prior_dir=prior_dir, model_dir=model_dir, picture=out, codes=codes_out)
-    result = sample.run(params, model, paths, force=force)
+    paths = sample.SamplePaths.of(model, prior_dir=prior_dir, model_dir=model_dir, picture=out, codes=codes_out,
+                                  metrics=metrics_out)
+    result = sample.run(params, model, paths, force=force, truth=truth)
     per_class = f", {result.count // len(result.classes)} per class" if result.classes else ""
     typer.echo(f"drew {result.count} code maps{per_class} into {result.picture} and {result.codes} "
                f"({result.seconds:.1f} s)", err=True)
+    if result.truth is not None:
+        show_truth(f"{result.count} samples against the true dSprites images", result.truth)
+
+
+def show_truth(title: str, scores: dict) -> None:
+    """`sample_truth_scores` as a table: the shares, then each factor's coverage beside a uniform draw's."""
+    rows = [("true sprites (IoU ≥ 0.9 with one)", f"{scores['sprites']:.3f}"),
+            ("mean IoU", f"{scores['mean_iou']:.3f}")]
+    if "asked_class" in scores:
+        rows.append(("of the asked shape", f"{scores['asked_class']:.3f}"))
+    rows += [(f"{name} values the sprites reach (uniform draw)", f"{share:.2f} ({scores['uniform'][name]:.2f})")
+             for name, share in scores["coverage"].items()]
+    show(title, rows)
 
 
 @command("compare",

@@ -124,7 +124,7 @@ TINY_PARAMS: dict[str, Any] = {
     "vqvae": {"hidden": 16, "res_blocks": 1, "downsample": 4, "num_codes": 16, "code_dim": 8,
               "batch_size": 32, "epochs": 2, "ema_decay": 0.9},
     "encode": {"batch_size": 128},
-    "evaluate": {"num_samples": 200, "batch_size": 128},
+    "evaluate": {"num_samples": 200, "batch_size": 128, "prior_samples": 16},
     "render": {"steps": 4},
 }
 

@@ -1,7 +1,9 @@
-"""Tests of the procedural dSprites renderer: factor layout, pixel guarantees and shape geometry."""
+"""Tests of the procedural dSprites renderer: factor layout, pixel guarantees and shape geometry, and the search for
+the true image nearest a sample."""
 
 import numpy as np
 import pytest
+import torch
 
 from dvae_cli.sources.dsprites import (
     FACTOR_NAMES,
@@ -15,7 +17,9 @@ from dvae_cli.sources.dsprites import (
     factor_classes,
     factor_values,
     factors,
+    nearest_images,
 )
+from dvae_cli.sources.transform import fit_images
 
 IMAGES_PER_TILE = FACTOR_SIZES[3] * FACTOR_SIZES[4]
 SQUARE, ELLIPSE, HEART = 0, 1, 2
@@ -221,3 +225,29 @@ def test_render_matches_render_range(renderer: DSpritesRenderer) -> None:
     shuffled = np.random.default_rng(0).permutation(np.arange(start, stop))[:500]
     np.testing.assert_array_equal(renderer.render(shuffled), block[shuffled - start])
     assert renderer.render_range(7, 7).shape == (0, 1, IMAGE_SIZE, IMAGE_SIZE)
+
+
+def test_every_true_image_is_its_own_nearest(renderer: DSpritesRenderer) -> None:
+    """IoU 1 and the same shape, scale and position (orientations that draw the same pixels are one image)."""
+    indices = np.random.default_rng(0).integers(0, NUM_IMAGES, 40)
+    images = torch.from_numpy(renderer.render(indices)).float() / 255
+    found, iou = nearest_images(images)
+    assert np.all(iou == 1)
+    np.testing.assert_array_equal(renderer.render(found), renderer.render(indices))
+    assert np.array_equal(factor_classes(found)[:, [0, 1, 3, 4]], factor_classes(indices)[:, [0, 1, 3, 4]])
+
+
+def test_the_nearest_image_of_a_damaged_or_resized_sprite(renderer: DSpritesRenderer) -> None:
+    index = np.array([np.ravel_multi_index((HEART, 5, 0, 10, 20), FACTOR_SIZES)])
+    image = torch.from_numpy(renderer.render(index)).float() / 255
+    on = int(image.sum())
+    damaged = image.clone()
+    damaged[0, 0, 2:4, 2:4] = 1  # 4 stray pixels far from the sprite: IoU = on / (on + 4)
+    found, iou = nearest_images(damaged)
+    assert found[0] == index[0] and iou[0] == pytest.approx(on / (on + 4))
+    small = torch.from_numpy(fit_images(torch.from_numpy(renderer.render(index)), 1, 32)).float() / 255  # at 32×32
+    found, iou = nearest_images(small)
+    assert iou[0] > 0.8 and factor_classes(found)[0, 0] == HEART
+    found, iou = nearest_images(torch.zeros(2, 1, 64, 64))
+    assert np.all(iou == 0)
+

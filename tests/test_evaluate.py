@@ -44,6 +44,7 @@ from dvae_cli.scoring.metrics import (
     mutual_information_gap,
     perplexity,
 )
+from dvae_cli.sources.dsprites import nearest_images
 from dvae_cli.stages import encode, evaluate
 from dvae_cli.stages.encode import EncodePaths
 from dvae_cli.stages.evaluate import EvaluatePaths
@@ -178,13 +179,17 @@ def test_jointvae_metrics_end_to_end(encoded, tmp_path):
     metrics = json.loads((tmp_path / "metrics.json").read_text())
     assert metrics == result.metrics
     assert set(metrics) == {"evaluation", "reconstruction", "latent", "elbo", "labels", "discrete_factors",
-                            "factors", "sample"}
+                            "factors", "sample", "prior_samples"}
     assert all(math.isfinite(number) for number in all_numbers(metrics))
     assert metrics["evaluation"] == {"split": TEST, "images": TEST_IMAGES}
     assert (result.split_name, result.num_images) == ("test", TEST_IMAGES)
 
     # The same figures from the model's own evaluation-mode loss over the whole test split in one batch.
     loaded = load_model(encoded.models / "jointvae", "jointvae")
+    # Its prior's draws (seeded by `seed`) against the true images.
+    _, iou = nearest_images(loaded.model.sample_images(16, torch.Generator().manual_seed(0)))
+    assert metrics["prior_samples"]["samples"] == 16
+    assert metrics["prior_samples"]["mean_iou"] == pytest.approx(float(iou.mean()))
     with DatasetFile(encoded.dataset) as dataset:
         rows = dataset.indices(TEST)
         x = torch.from_numpy(dataset.read_images(rows)).float() / 255

@@ -19,6 +19,7 @@ from dvae_cli.scoring.metrics import (
     normalized_mse,
     perplexity,
     psnr,
+    sample_truth_scores,
 )
 
 
@@ -233,3 +234,20 @@ def test_bag_of_codes_matches_hand_count():
 def test_bag_of_codes_rejects_codes_out_of_range():
     with pytest.raises(ValueError):
         bag_of_codes(np.array([[[0, 4]]]), num_codes=4)
+
+
+# Samples against the true images
+
+def test_sample_truth_scores_by_hand():
+    """4 samples: two sprites (IoU ≥ 0.9), one blob, one blank; drawn for shapes 0, 1, 1, 2."""
+    iou = np.array([1.0, 0.95, 0.5, 0.0])
+    nearest = np.array([[0, 2, 7], [1, 2, 8], [1, 0, 0], [0, 0, 0]])
+    scores = sample_truth_scores(iou, nearest, ("shape", "scale", "pos"), (3, 4, 10), 0.9,
+                                 asked=np.array([0, 1, 1, 2]))
+    assert scores["sprites"] == 0.5 and scores["mean_iou"] == pytest.approx(0.6125)
+    assert scores["asked_class"] == 0.75  # the blob's nearest has its shape; the blank has none
+    assert scores["coverage"] == {"shape": 2 / 3, "scale": 1 / 4, "pos": 2 / 10}  # of the two sprites
+    assert scores["uniform"]["shape"] == pytest.approx(1 - (2 / 3) ** 2)
+    assert scores["uniform"]["pos"] == pytest.approx(1 - 0.9 ** 2)
+    assert "asked_class" not in sample_truth_scores(iou, nearest, ("shape", "scale", "pos"), (3, 4, 10), 0.9)
+

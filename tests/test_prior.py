@@ -87,6 +87,41 @@ def test_samples_are_seeded_decodable_codes_in_class_rows(project: Project, tmp_
     assert copied.path("samples.png").stat().st_size > 0
 
 
+def test_samples_of_dsprites_are_scored_against_the_true_images(project: Project) -> None:
+    scores = json.loads(project.path("metrics/vqvae-samples.json").read_text())
+    assert scores["samples"] == 9 and scores["truth"]["samples"] == 9
+    assert 0 <= scores["truth"]["sprites"] <= 1 and 0 <= scores["truth"]["asked_class"] <= 1
+    assert set(scores["truth"]["coverage"]) == {"shape", "scale", "orientation", "posX", "posY"}
+
+
+def test_more_samples_than_memory_holds_are_refused_before_any_work(project: Project, tmp_path: Path,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    copied = copy(project, tmp_path)
+    before = digest(copied.root)
+    pages = {"SC_AVPHYS_PAGES": 25_000, "SC_PAGE_SIZE": 4096}  # 100 MB free
+    monkeypatch.setattr("dvae_cli.stages.sample.os.sysconf", pages.__getitem__)
+    result = invoke(copied.root, "sample", "--model", "vqvae", "--count", "100000")
+    assert_one_line_error(result.exit_code, result.stderr, "prior.sample.count 100,000", "GB free", "--count")
+    assert digest(copied.root) == before
+
+
+def test_no_truth_on_other_data(project: Project, tmp_path: Path) -> None:
+    """A prior over codes of a folder dataset: no scores by default, and --truth is refused before any work."""
+    copied = copy(project, tmp_path)
+
+    def from_a_folder(record: dict) -> None:
+        record["dataset_info"]["source"] = "folder"
+
+    edit_json(copied.path("models/vqvae-prior/config.json"), from_a_folder)
+    before = digest(copied.root)
+    result = invoke(copied.root, "sample", "--model", "vqvae", "--count", "3", "--truth")
+    assert_one_line_error(result.exit_code, result.stderr, "--truth", "'folder'")
+    assert digest(copied.root) == before
+    result = invoke(copied.root, "sample", "--model", "vqvae", "--count", "3")
+    assert result.exit_code == 0, result.output
+    assert json.loads(copied.path("metrics/vqvae-samples.json").read_text()) == {"samples": 3, "truth": None}
+
+
 def another_codebook(file: h5py.File) -> None:
     file.attrs["codebook"] = file.attrs["codebook"] + 1.0
 

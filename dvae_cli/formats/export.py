@@ -23,7 +23,13 @@ from dvae_cli.core.files import atomic_path, check_output, write_json_atomic
 from dvae_cli.core.progress import Advance, progress_bar
 from dvae_cli.core.splits import SPLIT_NAMES
 from dvae_cli.formats.codes import CodesFile
-from dvae_cli.formats.model_folder import CONFIG, WEIGHTS, LoadedModel, load_model, model_files
+from dvae_cli.formats.model_folder import (
+    CONFIG,
+    WEIGHTS,
+    LoadedModel,
+    load_model,
+    model_files,
+)
 
 EXPORT_FORMAT = "dvae-export"
 MANIFEST = "export.json"

@@ -89,6 +89,11 @@ class DiscreteVAE(Trainable):
         """Evaluation-mode reconstruction in [0, 1]: decode(encode(x))."""
         return self.decode(self.encode(x))
 
+    def sample_images(self, count: int, generator: torch.Generator) -> Tensor | None:
+        """`count` images in [0, 1] decoded from draws of the model's own prior (None: it has none, as the VQ-VAE,
+        whose prior is a separate model)."""
+        return None
+
     def latent_attributes(self) -> dict[str, object]:
         """What the codes file records about the latent (shape, K and D, or the latent spec)."""
         raise NotImplementedError

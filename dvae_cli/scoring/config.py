@@ -14,3 +14,5 @@ class EvaluateConfig:
     num_samples: int = param(10000, help="points sampled for MIG and the FactorVAE score", ge=1, le=1 << 24)
     dci: bool = param(False, help="also compute DCI (gradient-boosted trees; slow)")
     batch_size: int = param(512, help="images per evaluation batch", ge=1, le=1 << 16)
+    prior_samples: int = param(256, help="images drawn from a model's own prior (JointVAE) and matched to the true "
+                               "dSprites images, on dSprites data (0: none)", ge=0, le=1 << 16)

@@ -361,3 +361,26 @@ def pixel_variance(histogram: np.ndarray) -> float:
     values = np.arange(256) / 255.0
     mean = (counts * values).sum() / counts.sum()
     return float((counts * (values - mean) ** 2).sum() / counts.sum())
+
+
+def sample_truth_scores(iou: np.ndarray, nearest_classes: np.ndarray, factor_names: tuple[str, ...],
+                        factor_sizes: tuple[int, ...], threshold: float,
+                        asked: np.ndarray | None = None) -> dict[str, object]:
+    """Samples against the true images nearest them (`iou` and the factor classes [N, F] of each's nearest image).
+
+    `sprites`: the share within IoU `threshold` of a true image. `asked_class`: of samples drawn for a class (factor
+    0's value), the share whose nearest image has it (a blank sample, IoU 0, has none). `coverage`: per factor, the
+    share of its values that the samples counted as sprites reach, beside `uniform`, what a uniform draw of as many
+    images reaches on average: 1 − (1 − 1/K)^n.
+    """
+    count = len(iou)
+    sprites = iou >= threshold
+    scores: dict[str, object] = {"samples": count, "sprites": float(np.mean(sprites)) if count else 0.0,
+                                 "mean_iou": float(np.mean(iou)) if count else 0.0}
+    if asked is not None:
+        scores["asked_class"] = float(np.mean((iou > 0) & (nearest_classes[:, 0] == asked))) if count else 0.0
+    reached = nearest_classes[sprites]
+    scores["coverage"] = {name: len(np.unique(reached[:, column])) / size
+                          for column, (name, size) in enumerate(zip(factor_names, factor_sizes))}
+    scores["uniform"] = {name: 1 - (1 - 1 / size) ** len(reached) for name, size in zip(factor_names, factor_sizes)}
+    return scores

@@ -163,6 +163,52 @@ class DSpritesRenderer:
         return self.render(np.arange(start, stop, dtype=np.int64))
 
 
+def is_dsprites(info: DatasetInfo) -> bool:
+    """Whether a dataset holds the built-in dSprites images (at any size), whose truth `nearest_images` knows."""
+    return info.source == "dsprites" and info.factor_names == FACTOR_NAMES and info.factor_sizes == FACTOR_SIZES
+
+
+TRUE_SPRITE_IOU = 0.9
+"""A sample whose nearest true image overlaps it this much (intersection over union) is counted as a sprite."""
+_MATCH_BATCH = 16
+
+
+def sprite_tiles() -> torch.Tensor:
+    """float32 [720, 1024] in {0, 1}: every (shape, scale, orientation) tile, flattened, in canonical order."""
+    return torch.from_numpy(_rasterise_tiles().reshape(NUM_TILES, -1) > 0).float()
+
+
+def nearest_images(samples: torch.Tensor, tiles: torch.Tensor | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """The canonical index of the true dSprites image nearest each sample, and their IoU, among all 737,280.
+
+    `samples` are float [N, C, S, S] in [0, 1] (averaged over channels, resized to 64×64 when S differs, on at
+    0.5). An image is a tile placed at (posX, posY), so |sample ∧ image| for every tile and position is one matrix
+    product of the sample's 32×32 windows with the tiles; IoU = |a ∧ b| / (|a| + |b| − |a ∧ b|).
+    """
+    tiles = sprite_tiles() if tiles is None else tiles
+    tile_sizes = tiles.sum(1)
+    x = samples.float().mean(1, keepdim=True)
+    if x.shape[-1] != IMAGE_SIZE:
+        x = torch.nn.functional.interpolate(x, size=(IMAGE_SIZE, IMAGE_SIZE), mode="bilinear", align_corners=False)
+    binary = (x[:, 0] > 0.5).float()
+    indices, ious = [], []
+    for batch in binary.split(_MATCH_BATCH):
+        # windows[n, posY, posX] = the 32×32 patch whose top-left corner is (posY, posX); positions 0…31
+        windows = batch.unfold(1, TILE_SIZE, 1).unfold(2, TILE_SIZE, 1)[:, :FACTOR_SIZES[4], :FACTOR_SIZES[3]]
+        windows = windows.reshape(len(batch), FACTOR_SIZES[4] * FACTOR_SIZES[3], TILE_SIZE * TILE_SIZE)
+        intersection = windows @ tiles.T  # [n, posY·32 + posX, tile]
+        union = batch.sum((1, 2))[:, None, None] + tile_sizes[None, None, :] - intersection
+        iou = intersection / union.clamp(min=1)
+        best = iou.flatten(1).max(1)
+        position, tile = np.divmod(best.indices.numpy(), NUM_TILES)
+        position_y, position_x = np.divmod(position, FACTOR_SIZES[3])
+        indices.append(tile * _IMAGES_PER_TILE + position_x * FACTOR_SIZES[4] + position_y)
+        ious.append(best.values.numpy())
+    if not indices:
+        return np.zeros(0, np.int64), np.zeros(0, np.float32)
+    return np.concatenate(indices).astype(np.int64), np.concatenate(ious).astype(np.float32)
+
+
 class DSpritesSource:
     """The built-in dSprites set as a prepare-data source (resized or given 3 channels when params ask)."""
 

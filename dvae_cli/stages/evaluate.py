@@ -8,7 +8,8 @@ factors are read from the codes file too, so the encoder never runs again.
 The JSON holds nested sections of numbers only; a figure that is not finite (the PSNR of a perfect
 reconstruction) is left out rather than written as inf or NaN, which JSON and `dvc metrics` cannot compare.
 Sections: `evaluation` (split: 2 test, 1 val; images), `reconstruction`, then the family's own (its registered
-`metrics`: JointVAE `latent`, `elbo`, `labels`, `factors`, `sample`; VQ-VAE `codes`, `labels`).
+`metrics`: JointVAE `latent`, `elbo`, `labels`, `factors`, `sample`; VQ-VAE `codes`, `labels`), and on dSprites
+`prior_samples`: images drawn from the model's own prior (JointVAE's p(z) p(c)) against the true images nearest them.
 """
 
 from __future__ import annotations
@@ -16,6 +17,8 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 from pathlib import Path
+
+import torch
 
 from dvae_cli.core import layout
 from dvae_cli.core.errors import UserError
@@ -36,6 +39,8 @@ from dvae_cli.scoring.evaluation import (
     reconstruction_totals,
     timed,
 )
+from dvae_cli.scoring.metrics import sample_truth_scores
+from dvae_cli.sources import dsprites
 
 
 @dataclass(frozen=True)
@@ -111,6 +116,15 @@ def run(params: Params, family: str, paths: EvaluatePaths, show_progress: bool =
                          split=split, rows=rows, arrays=latent, reconstruction=totals, notes=[],
                          seconds=seconds)
         metrics = evaluation_sections(run, get_family(family).metrics)
+        if params.evaluate.prior_samples and dsprites.is_dsprites(dataset.info):
+            with timed(seconds, "prior samples"):
+                generator = torch.Generator().manual_seed(params.seed)
+                drawn = loaded.model.sample_images(params.evaluate.prior_samples, generator)
+                if drawn is not None:
+                    nearest, iou = dsprites.nearest_images(drawn.float().cpu())
+                    metrics["prior_samples"] = sample_truth_scores(
+                        iou, dsprites.factor_classes(nearest), dsprites.FACTOR_NAMES, dsprites.FACTOR_SIZES,
+                        dsprites.TRUE_SPRITE_IOU)
     write_json_atomic(paths.metrics, metrics)
     seconds["total"] = time.perf_counter() - started
     return EvaluateResult(family=family, metrics=metrics, split_name=SPLIT_NAMES[split], num_images=len(rows),

@@ -258,6 +258,14 @@ class JointVAE(DiscreteVAE):
         categories = torch.stack(columns, dim=1) if columns else torch.zeros(n, 0, dtype=torch.long, device=device)
         return self.decode_latent(z, categories)
 
+    @torch.no_grad()
+    def sample_images(self, count: int, generator: torch.Generator) -> Tensor:
+        """Decoded draws of p(z) p(c): z ~ N(0, I), categories uniform, drawn on the CPU from `generator`."""
+        z = torch.randn(count, self.continuous, generator=generator)
+        columns = [torch.randint(k, (count,), generator=generator) for k in self.discrete]
+        categories = torch.stack(columns, dim=1) if columns else torch.zeros(count, 0, dtype=torch.long)
+        return self.decode_latent(z, categories)
+
     def latent_attributes(self) -> dict[str, object]:
         return {"continuous": self.continuous, "discrete": list(self.discrete)}
 
