@@ -177,6 +177,10 @@ CASES = {
     "discrete value ≥ k": Case(("evaluate", "-m", "jointvae", "--out", "m.json"), ("`discrete` holds", "0…2"),
                                lambda root: edit_h5(root / JOINTVAE_CODES,
                                                     replace_array("discrete", lambda c: c * 0 + 7))),
+    "codes naming an array in bytes that are no UTF-8": Case(  # found by benchmarks/fuzz_readers.py
+        ("decode", VQVAE_CODES, "--out", "out.png"), ("is damaged", VQVAE_CODES),
+        lambda root: edit_h5(root / VQVAE_CODES, lambda file: file.attrs.create(
+            "latent_arrays", b'["c\xefdes"]', dtype=h5py.string_dtype("utf-8")))),
     "float labels": Case(("evaluate", "-m", "vqvae", "--out", "m.json"), ("`labels` are float32", DATASET),
                          lambda root: edit_h5(root / DATASET, replace_array("labels", lambda v: v.astype(np.float32)))),
     "checkpoint without fingerprint": Case(

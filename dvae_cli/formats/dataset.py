@@ -259,10 +259,11 @@ def read_rows(array: h5py.Dataset, rows: np.ndarray, block: int = ROWS_PER_READ)
 @contextmanager
 def unreadable_is_damaged(path: Path | str, maker: str) -> Iterator[None]:
     """Reads of an HDF5 file inside the block that fail on damaged bytes (h5py raises OSError, KeyError or
-    RuntimeError: a checksum or filter failure, an object header it cannot open) are a UserError naming the file."""
+    RuntimeError: a checksum or filter failure, an object header it cannot open; UnicodeError: a name that is no
+    UTF-8, which h5py reads with surrogates and cannot encode again) are a UserError naming the file."""
     try:
         yield
-    except (OSError, KeyError, RuntimeError) as error:
+    except (OSError, KeyError, RuntimeError, UnicodeError) as error:
         cause = str(error).splitlines()[0] if str(error) else type(error).__name__
         raise UserError(f"{path} is damaged, HDF5 cannot read it ({cause}); re-create it with `{maker}`") from None
 
