@@ -135,6 +135,13 @@ def test_bad_input_is_one_line_and_writes_nothing(project: Project, tmp_path: Pa
     result = invoke(project.root, "export", str(damaged), "--out", str(tmp_path / "out"))
     assert_one_line_error(result.exit_code, result.stderr, "config.json")
     assert not (tmp_path / "out").exists()
+    codes = tmp_path / "codes.h5"
+    shutil.copyfile(project.path("data/codes/vqvae.h5"), codes)
+    with h5py.File(codes, "a") as file:
+        file["labels"][0] = 7
+    result = invoke(project.root, "export", str(codes), "--out", str(tmp_path / "out"))
+    assert_one_line_error(result.exit_code, result.stderr, "label 7 lies outside the 3 classes")
+    assert not (tmp_path / "out").exists()
     assert digest(project.root) == before
 
 

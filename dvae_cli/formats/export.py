@@ -1,6 +1,7 @@
-"""The folders `dvae export` writes, for tools other than dvae. A model folder's encoder (images → codes) and decoder (codes →
-images) as `torch.export` programs, and as ONNX with the `onnx` extra; a codes file as a Hugging Face `datasets`
-folder (`save_to_disk`) that keeps the class names, the codebook and the hashes tying it to its model and data."""
+"""The folders `dvae export` writes, for tools other than dvae. A model folder's encoder (images → codes) and
+decoder (codes → images) as `torch.export` programs, and as ONNX with the `onnx` extra; a codes file as a Hugging
+Face `datasets` folder (`save_to_disk`) that keeps the class names, the codebook and the hashes tying it to its model
+and data."""
 
 from __future__ import annotations
 
@@ -213,6 +214,10 @@ def _features(codes: CodesFile) -> tuple[dict[str, np.ndarray], object]:
     features = {name: feature(values) for name, values in columns.items()}
     if "labels" in columns:
         names = list(info.class_names) or [str(index) for index in range(info.num_classes)]
+        outside = (columns["labels"] < 0) | (columns["labels"] >= len(names))
+        if outside.any():
+            raise UserError(f"{codes.path}: label {columns['labels'][outside][0]} lies outside the {len(names)} "
+                            "classes its dataset names; re-create it with `dvae encode`")
         features["labels"] = ClassLabel(names=names)
         columns["labels"] = columns["labels"].astype(np.int64)
     paths = codes.source_paths(0, len(codes))
@@ -230,12 +235,12 @@ def export_codes(codes: CodesFile, folder: Path) -> list[str]:
     split = codes.split[:]
     record = {key: json.loads(value) if key in JSON_ATTRIBUTES else value for key, value in codes.attrs.items()}
     record |= {"codes_file": str(codes.path), **{name: array.tolist() for name, array in codes.model_arrays.items()}}
+    checksums = {str(codes.model_dir / WEIGHTS): {"checksum": record["weights_sha256"]},
+                 str(record.get("dataset")): {"checksum": record["dataset_sha256"]}}
     splits = {}
     for index, name in enumerate(SPLIT_NAMES):
         rows = np.flatnonzero(split == index)
         if len(rows):
-            checksums = {str(codes.model_dir / WEIGHTS): {"checksum": record["weights_sha256"]},
-                         str(record.get("dataset")): {"checksum": record["dataset_sha256"]}}
             info = DatasetInfo(description=json.dumps(record), dataset_name=f"dvae-{codes.family}-codes",
                                features=features, download_checksums=checksums)
             table = {column: values[rows] for column, values in columns.items()}
@@ -245,7 +250,8 @@ def export_codes(codes: CodesFile, folder: Path) -> list[str]:
     return sorted(str(path.relative_to(folder)) for path in folder.rglob("*") if path.is_file())
 
 
-def export(paths: ExportPaths, onnx: bool | None = None, force: bool = False, show_progress: bool = True) -> ExportResult:
+def export(paths: ExportPaths, onnx: bool | None = None, force: bool = False,
+           show_progress: bool = True) -> ExportResult:
     """Export the model folder or codes file at `paths.source` into the new folder `paths.out`.
 
     `onnx`: True requires the ONNX programs (and the `onnx` extra), False leaves them out, None writes them when
