@@ -84,8 +84,8 @@ def check_memory(count: int, floats_per_sample: int) -> None:
         return
     needed = count * floats_per_sample * 4
     if needed > free:
-        raise UserError(f"prior.sample.count {count:,} would hold {needed / 1e9:.1f} GB of samples in memory, more than "
-                        f"the {free / 1e9:.1f} GB free; draw fewer (--count)")
+        raise UserError(f"prior.sample.count {count:,} would hold {needed / 1e9:.1f} GB of samples in memory, more "
+                        f"than the {free / 1e9:.1f} GB free; draw fewer (--count)")
 
 
 def run(params: Params, family: str, paths: SamplePaths, force: bool = False,
