@@ -26,14 +26,14 @@ def vqvae_metrics(run: Evaluation) -> Sections:
     codes = run.read("codes")
     assert codes is not None
     with run.timed("code usage"):
-        usage = code_usage(code_counts(codes, config.num_codes))
+        usage = code_usage(code_counts(codes, config.codebook_size))
     sections: Sections = {"codes": {
         "perplexity": usage.perplexity, "fraction_used": usage.fraction_used, "unused": usage.unused,
-        "bits_per_image": codes[0].size * math.log2(config.num_codes)}}
+        "bits_per_image": codes[0].size * math.log2(config.codebook_size)}}
     labels = run.read("labels")
     if labels is not None:
         with run.timed("linear probe"):
-            probe = _linear_probe(run, codes, labels, config.num_codes)
+            probe = _linear_probe(run, codes, labels, config.codebook_size)
         if probe:
             sections["labels"] = probe
     return sections

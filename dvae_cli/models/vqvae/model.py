@@ -14,6 +14,7 @@ from torch import Tensor, nn
 from dvae_cli.core.errors import UserError
 from dvae_cli.models.base import DataShape, DiscreteVAE, LossOutput
 from dvae_cli.models.vqvae.config import VQVAEConfig
+from dvae_cli.models.vqvae.fsq import FiniteScalarQuantizer
 from dvae_cli.models.vqvae.quantizer import VectorQuantizer
 
 # Both the training path and `decode_codes` hand the decoder this layout, so convolutions pick the same
@@ -53,7 +54,7 @@ def build_encoder(channels: int, config: VQVAEConfig) -> nn.Sequential:
         layers += [nn.Conv2d(width_in, width_out, kernel_size=4, stride=2, padding=1), nn.ReLU()]
     layers.append(nn.Conv2d(config.hidden, config.hidden, kernel_size=3, padding=1))
     layers += _residual_stack(config.hidden, config.res_blocks)
-    layers.append(nn.Conv2d(config.hidden, config.code_dim, kernel_size=1))
+    layers.append(nn.Conv2d(config.hidden, config.vector_dim, kernel_size=1))
     return nn.Sequential(*layers)
 
 
@@ -61,7 +62,7 @@ def build_decoder(channels: int, config: VQVAEConfig) -> nn.Sequential:
     """The encoder mirrored; the last transposed convolution outputs raw pixels or logits."""
     stages = config.downsample.bit_length() - 1
     widths = _stage_widths(channels, config.hidden, stages)[::-1]
-    layers: list[nn.Module] = [nn.Conv2d(config.code_dim, config.hidden, kernel_size=3, padding=1)]
+    layers: list[nn.Module] = [nn.Conv2d(config.vector_dim, config.hidden, kernel_size=3, padding=1)]
     layers += _residual_stack(config.hidden, config.res_blocks)
     for stage, (width_in, width_out) in enumerate(zip(widths[:-1], widths[1:])):
         if stage > 0:
@@ -84,6 +85,14 @@ def _check_shapes(config: VQVAEConfig, data: DataShape) -> None:
         )
 
 
+def build_quantizer(config: VQVAEConfig) -> VectorQuantizer | FiniteScalarQuantizer:
+    if config.quantizer == "fsq":
+        return FiniteScalarQuantizer(config.fsq_levels)
+    return VectorQuantizer(config.num_codes, config.code_dim, beta=config.beta, update=config.codebook_update,
+                           ema_decay=config.ema_decay, init=config.init,
+                           dead_code_threshold=config.dead_code_threshold)
+
+
 class VQVAE(DiscreteVAE):
     pixel_variance: Tensor  # float32 scalar: variance of the train split's pixels, the MSE's normaliser
 
@@ -93,15 +102,7 @@ class VQVAE(DiscreteVAE):
         self.config = config
         self.data = data
         self.encoder = build_encoder(data.channels, config)
-        self.quantizer = VectorQuantizer(
-            config.num_codes,
-            config.code_dim,
-            beta=config.beta,
-            update=config.codebook_update,
-            ema_decay=config.ema_decay,
-            init=config.init,
-            dead_code_threshold=config.dead_code_threshold,
-        )
+        self.quantizer = build_quantizer(config)
         self.decoder = build_decoder(data.channels, config)
         self.register_buffer("pixel_variance", torch.tensor(data.pixel_variance, dtype=torch.float32))
 
@@ -173,10 +174,14 @@ class VQVAE(DiscreteVAE):
 
     def latent_attributes(self) -> dict[str, object]:
         side = self.data.image_size // self.config.downsample
-        return {"latent_shape": [side, side], "num_codes": self.config.num_codes, "code_dim": self.config.code_dim}
+        attributes = {"latent_shape": [side, side], "num_codes": self.config.codebook_size,
+                      "code_dim": self.config.vector_dim}
+        if self.config.quantizer == "fsq":  # VQ codes files keep the attributes they have always had
+            attributes |= {"quantizer": "fsq", "fsq_levels": list(self.config.fsq_levels)}
+        return attributes
 
     def code_value_counts(self) -> dict[str, int | tuple[int, ...]]:
-        return {"codes": self.config.num_codes}
+        return {"codes": self.config.codebook_size}
 
     def extra_arrays(self) -> dict[str, Tensor]:
         return {"codebook": self.codebook()}

@@ -48,7 +48,7 @@ def code_palette(num_codes: int) -> Tensor:
 def measured_code_counts(model: VQVAE, images: Tensor) -> Tensor:
     """int64 [K]: how many code-map positions of `images` each code holds."""
     codes = np.concatenate([model.codes(batch).cpu().numpy() for batch in batches(images)])
-    return torch.from_numpy(code_counts(codes, model.config.num_codes))
+    return torch.from_numpy(code_counts(codes, model.config.codebook_size))
 
 
 def code_map_tiles(codes: Tensor, palette: Tensor, side: int) -> Tensor:
@@ -91,7 +91,7 @@ def render_vqvae(model: VQVAE, inputs: RenderInputs, advance: Advance) -> Render
     rendered.pictures["reconstructions.png"] = reconstructions_picture(model, inputs.shown)
     advance()
 
-    palette = code_palette(model.config.num_codes)
+    palette = code_palette(model.config.codebook_size)
     image_tiles = as_tiles(to_float(inputs.shown))
     map_tiles = code_map_tiles(model.codes(to_float(inputs.shown)), palette, image_tiles.shape[-1])
     pairs = torch.stack([image_tiles, map_tiles], dim=1).flatten(0, 1)
