@@ -109,6 +109,14 @@ def replace_array(name: str, values: Callable[[np.ndarray], np.ndarray]) -> Call
     return change
 
 
+def spanning_disks(path: Path) -> None:
+    """A ZIP64 end-of-directory locator before the end record naming two disks, which zipfile.is_zipfile raises on."""
+    data = bytearray(path.read_bytes())
+    end = data.rindex(b"PK\x05\x06")
+    data[end - 20:end] = b"PK\x06\x07" + (0).to_bytes(4, "little") + (0).to_bytes(8, "little") + (2).to_bytes(4, "little")
+    path.write_bytes(bytes(data))
+
+
 def edit_checkpoint(path: Path, change: Callable[[dict], None]) -> None:
     state = torch.load(path, weights_only=True)
     change(state)
@@ -183,6 +191,9 @@ CASES = {
             "latent_arrays", b'["c\xefdes"]', dtype=h5py.string_dtype("utf-8")))),
     "float labels": Case(("evaluate", "-m", "vqvae", "--out", "m.json"), ("`labels` are float32", DATASET),
                          lambda root: edit_h5(root / DATASET, replace_array("labels", lambda v: v.astype(np.float32)))),
+    "checkpoint whose zip spans disks": Case(  # found by benchmarks/fuzz_readers.py
+        ("train", "-m", "vqvae", "--epochs", "3"), ("is truncated or damaged",),
+        lambda root: spanning_disks(root / "models/vqvae/checkpoint.pt")),
     "checkpoint without fingerprint": Case(
         ("train", "-m", "vqvae", "--epochs", "3"), ("no valid `fingerprint`",),
         lambda root: edit_checkpoint(root / "models/vqvae/checkpoint.pt", lambda state: state.pop("fingerprint"))),
