@@ -113,7 +113,8 @@ def spanning_disks(path: Path) -> None:
     """A ZIP64 end-of-directory locator before the end record naming two disks, which zipfile.is_zipfile raises on."""
     data = bytearray(path.read_bytes())
     end = data.rindex(b"PK\x05\x06")
-    data[end - 20:end] = b"PK\x06\x07" + (0).to_bytes(4, "little") + (0).to_bytes(8, "little") + (2).to_bytes(4, "little")
+    disk, offset, disks = (0).to_bytes(4, "little"), (0).to_bytes(8, "little"), (2).to_bytes(4, "little")
+    data[end - 20:end] = b"PK\x06\x07" + disk + offset + disks
     path.write_bytes(bytes(data))
 
 
