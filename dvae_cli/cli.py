@@ -16,6 +16,7 @@ from typing import Annotated
 import typer
 
 from dvae_cli.command import (
+    DEFAULT_PARAMS_FILE,
     DEVICE,
     SEED,
     Flag,
@@ -26,6 +27,7 @@ from dvae_cli.command import (
     command,
     complete_code_map_family,
     complete_family,
+    may_be_missing,
     notes,
     path_option,
     show,
@@ -392,7 +394,7 @@ def export_command(
 @app.command("params", epilog="\b\nExample: dvae params --preset jointvae-digits-cpu --set seed=3")
 @user_facing
 def params_command(
-    params_file: ParamsFileOption = Path("params.yaml"),
+    params_file: ParamsFileOption = DEFAULT_PARAMS_FILE,
     preset: PresetOption = None,
     set_: SetOption = None,
     exp_args: Annotated[bool, typer.Option(
@@ -402,7 +404,7 @@ def params_command(
     """Print the params a command runs with (the params file, a preset, --set merged) as YAML; each value that is
     not the built-in default says where it came from."""
     overrides = parse_set_options(set_ or [])
-    missing_ok = params_file == Path("params.yaml")
+    missing_ok = may_be_missing(params_file)
     params = load_params(params_file, overrides, missing_ok=missing_ok, preset=preset)
     origins = value_origins(params_file, overrides, missing_ok=missing_ok, preset=preset)
     if exp_args:

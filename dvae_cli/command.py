@@ -115,13 +115,21 @@ def complete_preset(incomplete: str) -> list[str]:
 
 DEVICE = Flag("runtime.device", str)
 SEED = Flag("seed", int)
+DEFAULT_PARAMS_FILE = Path("params.yaml")
+
+
+def may_be_missing(params_file: Path) -> bool:
+    """Only the default params file may be absent: the built-in defaults stand in for it (a named one must exist)."""
+    return params_file == DEFAULT_PARAMS_FILE
+
+
 ParamsFileOption = Annotated[Path, typer.Option("--params", help="params file", show_default=True)]
 PresetOption = Annotated[str | None, typer.Option(
     "--preset", help="overlay merged over the params file: a name in presets/ or a .yaml path",
     autocompletion=complete_preset)]
 SetOption = Annotated[list[str] | None, typer.Option("--set", "-S",
                                                      help="override any param: key.sub=value (repeatable)")]
-SHARED_OPTIONS = {"params_file": (ParamsFileOption, Path("params.yaml")), "preset": (PresetOption, None),
+SHARED_OPTIONS = {"params_file": (ParamsFileOption, DEFAULT_PARAMS_FILE), "preset": (PresetOption, None),
                   "set_": (SetOption, None)}
 """Options every command that reads params takes, declared here once."""
 
@@ -150,7 +158,7 @@ def command(name: str, example: str, **flags: Flag) -> Callable[[Callable[..., A
                     key = spec.key.replace("{model}", values.get("model", ""))
                     overrides[key] = parse_value(value) if spec.yaml else value
             params_file, preset = values.pop("params_file"), values.pop("preset")
-            params = load_params(params_file, overrides, missing_ok=params_file == Path("params.yaml"), preset=preset)
+            params = load_params(params_file, overrides, missing_ok=may_be_missing(params_file), preset=preset)
             return function(params, **values)
 
         del wrapper.__wrapped__  # Typer reads the signature below, not the function's
