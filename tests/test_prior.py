@@ -11,7 +11,14 @@ from pathlib import Path
 import h5py
 import numpy as np
 import pytest
-from test_faults import Project, assert_one_line_error, digest, edit_h5, edit_json, invoke
+from test_faults import (
+    Project,
+    assert_one_line_error,
+    digest,
+    edit_h5,
+    edit_json,
+    invoke,
+)
 
 from dvae_cli.formats.codes import CodesFile
 
