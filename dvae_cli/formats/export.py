@@ -210,7 +210,7 @@ def _features(codes: CodesFile) -> tuple[dict[str, np.ndarray], object]:
         return array_type(shape=values.shape[1:], dtype=value_type)
 
     info = codes.dataset_info
-    columns = codes.read_rows(0, len(codes), [*codes.latent_names, *codes.dataset_row_names()])
+    columns = codes.read_rows(0, len(codes))
     features = {name: feature(values) for name, values in columns.items()}
     if "labels" in columns:
         names = list(info.class_names) or [str(index) for index in range(info.num_classes)]
@@ -269,9 +269,10 @@ def export(paths: ExportPaths, onnx: bool | None = None, force: bool = False,
     if out.exists() and not force:
         raise UserError(f"--out {out} already exists; choose a new folder, or pass --force to replace it")
     if is_model:
-        if onnx and not onnx_available():
+        available = onnx_available()
+        if onnx and not available:
             raise UserError(f"ONNX export needs the packages {', '.join(ONNX_MODULES)}: {ONNX_EXTRA}")
-        with_onnx = onnx_available() if onnx is None else onnx
+        with_onnx = available if onnx is None else onnx
         loaded = load_model(source)
         with atomic_path(out) as tmp, progress_bar(f"export {loaded.family}", 1 + with_onnx, enabled=show_progress,
                                                    unit="format") as advance:

@@ -74,10 +74,10 @@ class FiniteScalarQuantizer(nn.Module):
 
     def lookup(self, indices: Tensor) -> Tensor:
         """The code vectors of indices [N, *spatial] → [N, d, *spatial], each channel in [−1, 1]."""
-        digits = torch.div(indices.long().unsqueeze(1), self._per_channel(self.basis, indices.dim() + 1),
-                           rounding_mode="floor") % self._per_channel(self.level_counts.long(), indices.dim() + 1)
-        centred = digits.float() - self._per_channel(self.half_width, indices.dim() + 1)
-        return centred / self._per_channel(self.half_width, indices.dim() + 1)
+        dims = indices.dim() + 1
+        digits = torch.div(indices.long().unsqueeze(1), self._per_channel(self.basis, dims),
+                           rounding_mode="floor") % self._per_channel(self.level_counts.long(), dims)
+        return self._scaled(digits.float() - self._per_channel(self.half_width, dims))
 
     @property
     def codebook(self) -> Tensor:
