@@ -29,9 +29,10 @@ def free_port() -> int:
         return probe.getsockname()[1]
 
 
-def ddp_changes(family: str) -> dict:
+def ddp_changes(family: str, quantizer: str | None) -> dict:
     changes = {"train.max_steps": STEPS, "train.checkpoint_every": 7, f"{family}.lr": 2e-3}
     if family == "vqvae":
+        changes["vqvae.quantizer"] = quantizer
         changes["vqvae.dead_code_threshold"] = 20.0  # high enough that restarts happen within 20 steps
     return changes
 
@@ -47,11 +48,13 @@ def _rank_worker(rank: int, world_size: int, port: int, folder: str, dataset: st
     torch.save(result.model.state_dict(), root / f"rank{rank}.pt")
 
 
-@pytest.mark.parametrize("family", ["jointvae", "vqvae"])
-def test_two_processes_of_half_batches_equal_one_process(tmp_path: Path, tiny_dataset: Path, family: str) -> None:
+@pytest.mark.parametrize(("family", "quantizer"), [("jointvae", None), ("vqvae", "vq"), ("vqvae", "fsq"),
+                                                   ("vqvae", "rvq")])
+def test_two_processes_of_half_batches_equal_one_process(tmp_path: Path, tiny_dataset: Path, family: str,
+                                                         quantizer: str | None) -> None:
     single_folder, ddp_folder = tmp_path / "single", tmp_path / "ddp"
-    params = load_params(write_params(single_folder, **ddp_changes(family)))
-    write_params(ddp_folder, **ddp_changes(family))
+    params = load_params(write_params(single_folder, **ddp_changes(family, quantizer)))
+    write_params(ddp_folder, **ddp_changes(family, quantizer))
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     single = train.run(params, family, TrainPaths(tiny_dataset, single_folder / "models" / family,
@@ -67,8 +70,8 @@ def test_two_processes_of_half_batches_equal_one_process(tmp_path: Path, tiny_da
             assert torch.allclose(ranks[0][name], value, rtol=1e-3, atol=1e-4), name
         else:
             assert torch.equal(ranks[0][name], value), name
-    if family == "vqvae":
-        assert ranks[0]["quantizer.restart_count"].item() > 0
+    if quantizer in ("vq", "rvq"):
+        assert sum(value.item() for name, value in ranks[0].items() if name.endswith("restart_count")) > 0
     assert (ddp_folder / "models" / family / "model.safetensors").exists()
 
 

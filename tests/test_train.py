@@ -119,12 +119,15 @@ def test_same_seed_same_bytes(tmp_path: Path, tiny_dataset: Path, family: str) -
     assert series(tmp_path / "a", family, "train/images_per_second")
 
 
-@pytest.mark.parametrize("family", FAMILIES)
-def test_stopped_and_resumed_equals_uninterrupted(tmp_path: Path, tiny_dataset: Path, family: str) -> None:
-    uninterrupted = run_training(tmp_path / "whole", tiny_dataset, family)
-    stopped = run_training(tmp_path / "parts", tiny_dataset, family, **{"train.max_steps": 13})
+@pytest.mark.parametrize(("family", "changes"), [("jointvae", {}), ("vqvae", {}),
+                                                 ("vqvae", {"vqvae.quantizer": "fsq"}),
+                                                 ("vqvae", {"vqvae.quantizer": "rvq"})])
+def test_stopped_and_resumed_equals_uninterrupted(tmp_path: Path, tiny_dataset: Path, family: str,
+                                                  changes: dict) -> None:
+    uninterrupted = run_training(tmp_path / "whole", tiny_dataset, family, **changes)
+    stopped = run_training(tmp_path / "parts", tiny_dataset, family, **changes, **{"train.max_steps": 13})
     assert read_checkpoint(stopped / "checkpoint.pt", family)["step"] == 13
-    resumed = run_training(tmp_path / "parts", tiny_dataset, family)
+    resumed = run_training(tmp_path / "parts", tiny_dataset, family, **changes)
     assert weights_bytes(resumed) == weights_bytes(uninterrupted)
 
 

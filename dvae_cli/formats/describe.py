@@ -111,7 +111,7 @@ def _folder(path: Path) -> Description:
         prior = load_prior(path, record.get("prior_of"))
         return Description(path, "prior folder", {
             "prior of": record["prior_of"], "config": dataclasses.asdict(prior.config),
-            "code maps": dataclasses.asdict(prior.maps), "parameters": _parameters(prior.model),
+            "code maps": prior.maps.record(), "parameters": _parameters(prior.model),
             "weights sha256": record["weights_sha256"], "codes file": record.get("codes"),
             "codes sha256": record.get("codes_sha256"), "codebook sha256": record.get("codebook_sha256"),
             "model folder": record.get("model_dir"), "dataset sha256": record.get("dataset_sha256"),

@@ -174,8 +174,8 @@ class LoadedPrior:
 def save_prior(folder: Path, of: str, model: CodePrior, extra: dict[str, Any]) -> str:
     """A prior's folder: weights, then config.json with its config, its code maps and `extra` (no timings)."""
     return _write_folder(folder, model, {"family": PRIOR.name, "prior_of": of, "dvae_version": __version__,
-                                         PRIOR.name: dataclasses.asdict(model.config),
-                                         "maps": dataclasses.asdict(model.maps), **extra})
+                                         PRIOR.name: dataclasses.asdict(model.config), "maps": model.maps.record(),
+                                         **extra})
 
 
 def load_prior(folder: Path, of: str, device: torch.device | str = "cpu") -> LoadedPrior:

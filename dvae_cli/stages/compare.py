@@ -99,17 +99,27 @@ def run(params: Params, family: str, paths: ComparePaths, show_progress: bool = 
                         f"file the prior was trained on")
     prior.check_model(loaded.model, paths.model_dir)
 
+    maps = prior.maps
+    # Residual codes give a rate per depth d: their first d stages, and the prior's NLL of those codes alone
+    # (depth 0: plain code maps, one rate).
+    depths = list(range(1, maps.depth + 1)) or [0]
+    lengths = tuple(maps.height * maps.width * max(depth, 1) for depth in depths)
     with progress_bar(f"compare {family}", 6, enabled=show_progress) as advance, torch.no_grad():
-        decoded = torch.cat([loaded.model.decode({code_map: codes[i:i + BATCH].to(runtime.device)}).float().cpu()
-                             for i in range(0, len(codes), BATCH)])
-        model_psnr = psnr_of(images, decoded.numpy())
-        code_bits = prior.maps.length * math.log2(prior.maps.num_codes)
-        prior_rows = training_rows(prior.maps, codes, torch.from_numpy(labels.astype(np.int64))
-                                   if prior.maps.num_classes else None)
+        prior_rows = training_rows(maps, codes, torch.from_numpy(labels.astype(np.int64)) if maps.num_classes else None)
         with runtime.autocast():
-            prior_bits = prior.model.map_nll(prior_rows).mean().item() / math.log(2)
-        points = [RatePoint(family, f"K={prior.maps.num_codes}", code_bits, model_psnr),
-                  RatePoint(f"{family}+prior", "prior NLL", prior_bits, model_psnr)]
+            nll = prior.model.map_nll(prior_rows, prefixes=lengths)
+        prior_bits = [nll[:, i].contiguous().mean().item() / math.log(2) for i in range(len(lengths))]
+        points = []
+        for depth, length, depth_prior_bits in zip(depths, lengths, prior_bits, strict=True):
+            kept = codes[:, :depth] if depth else codes
+            decoded = torch.cat([loaded.model.decode({code_map: kept[i:i + BATCH].to(runtime.device)}).float().cpu()
+                                 for i in range(0, len(codes), BATCH)])
+            model_psnr = psnr_of(images, decoded.numpy())
+            code_bits = length * math.log2(maps.num_codes)
+            stages = f", depth {depth}" if depth else ""
+            points += [RatePoint(family, f"K={maps.num_codes}{stages}", code_bits, model_psnr),
+                       RatePoint(f"{family}+prior", f"prior NLL{stages}", depth_prior_bits, model_psnr)]
+        prior_bits = prior_bits[-1]
         advance()
         points += palette_kmeans(images)
         advance()

@@ -80,9 +80,9 @@ def read_code_maps(codes_path: Path, model_dir: Path, family: str, conditional: 
     if conditional and "labels" not in arrays:
         raise UserError(f"prior.conditional is on but {codes_path} has no class labels (its dataset has none); set "
                         "prior.conditional: false (or --set prior.conditional=false)")
-    height, width = arrays[code_map].shape[1:]
+    *depth, height, width = arrays[code_map].shape[1:]
     maps = CodeMaps(height=height, width=width, num_codes=int(loaded.model.code_value_counts()[code_map]),
-                    num_classes=info.num_classes if conditional else 0)
+                    num_classes=info.num_classes if conditional else 0, depth=depth[0] if depth else 0)
     labels = torch.from_numpy(arrays["labels"].astype(np.int64)) if conditional else None
     every = training_rows(maps, torch.from_numpy(arrays[code_map].astype(np.int64)), labels)
     rows = {index: every[torch.from_numpy(np.flatnonzero(split == index))] for index in (TRAIN, VAL, TEST)}

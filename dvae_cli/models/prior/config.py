@@ -3,6 +3,8 @@ library loads)."""
 
 from __future__ import annotations
 
+import dataclasses
+import math
 from dataclasses import dataclass
 
 from dvae_cli.core.errors import UserError
@@ -40,13 +42,28 @@ class PriorConfig:
 
 @dataclass(frozen=True)
 class CodeMaps:
-    """What the prior models: h×w maps of codes 0 … K − 1, and the number of classes it is conditioned on (0: none)."""
+    """What the prior models: h×w maps of codes 0 … K − 1 (residual codes: depth such maps, coarsest first), and the
+    number of classes it is conditioned on (0: none)."""
 
     height: int = param(help="code map rows", ge=1, le=1024)
     width: int = param(help="code map columns", ge=1, le=1024)
     num_codes: int = param(help="K, the codebook size", ge=1, le=1 << 20)
     num_classes: int = param(0, help="classes of the start token (0: unconditioned)", ge=0, le=1 << 20)
+    depth: int = param(0, help="stages of residual codes [depth, h, w] (0: plain [h, w] maps)", ge=0, le=1024)
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        """One code map's shape: (h, w), or (depth, h, w)."""
+        return (self.depth, self.height, self.width) if self.depth else (self.height, self.width)
 
     @property
     def length(self) -> int:
-        return self.height * self.width
+        return math.prod(self.shape)
+
+    def record(self) -> dict[str, int]:
+        """The fields a prior's config.json keeps: `depth` only for residual codes, so priors over plain maps keep
+        the record they have always had."""
+        fields = dataclasses.asdict(self)
+        if not self.depth:
+            del fields["depth"]
+        return fields

@@ -3,6 +3,8 @@
 embeddings), conditioned on the class by its start token when the data has labels.
 
 A training row is int64 [1 + h·w]: the start token (K + class, or K unconditioned), then the codes in raster order.
+Residual codes [depth, h, w] are one sequence, stage after stage (coarsest first), so the NLL of a row's first
+d·h·w codes is the bits of the first d stages alone.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ def start_tokens(maps: CodeMaps, labels: Tensor | None, count: int) -> Tensor:
 
 
 def training_rows(maps: CodeMaps, codes: Tensor, labels: Tensor | None) -> Tensor:
-    """Code maps [n, h, w] (and their labels) as training rows int64 [n, 1 + h·w]."""
+    """Code maps [n, h, w] or [n, depth, h, w] (and their labels) as training rows int64 [n, 1 + length]."""
     start = start_tokens(maps, labels, len(codes))
     return torch.cat([start[:, None], codes.reshape(len(codes), -1).long()], dim=1)
 
@@ -100,18 +102,26 @@ class CodePrior(Trainable):
         return self.head(self.norm(h))
 
     def code_nll(self, rows: Tensor) -> Tensor:
-        """−log p(z_i | z_<i, class) in nats, per code [n, h·w]."""
+        """−log p(z_i | z_<i, class) in nats, per code [n, length]."""
         logits = self.logits(rows[:, :-1])
         return F.cross_entropy(logits.float().transpose(1, 2), rows[:, 1:], reduction="none")
 
     @torch.no_grad()
-    def map_nll(self, rows: Tensor, batch_size: int = 256) -> Tensor:
+    def map_nll(self, rows: Tensor, batch_size: int = 256, prefixes: tuple[int, ...] | None = None) -> Tensor:
         """−log p(map) in nats for each row (float64 [n], on the CPU), `batch_size` rows at a time on the model's
-        device."""
+        device; with `prefixes`, of each row's first p codes for each p (float64 [n, len(prefixes)])."""
         device = self.head.weight.device
-        totals = [self.code_nll(rows[start:start + batch_size].to(device)).double().sum(dim=1).cpu()
+
+        def summed(code_nll: Tensor) -> Tensor:
+            if prefixes is None:
+                return code_nll.sum(dim=1)
+            return torch.stack([code_nll[:, :prefix].sum(dim=1) for prefix in prefixes], dim=1)
+
+        totals = [summed(self.code_nll(rows[start:start + batch_size].to(device)).double()).cpu()
                   for start in range(0, len(rows), batch_size)]
-        return torch.cat(totals) if totals else torch.zeros(0, dtype=torch.float64)
+        if totals:
+            return torch.cat(totals)
+        return torch.zeros(0, *([] if prefixes is None else [len(prefixes)]), dtype=torch.float64)
 
     def loss(self, x: Tensor, step: int) -> LossOutput:
         """The prior's objective: the mean over codes of −log p(z_i | z_<i, class) (nats)."""
@@ -131,7 +141,7 @@ class CodePrior(Trainable):
     @torch.no_grad()
     def sample(self, starts: Tensor, uniforms: Tensor, temperature: float = 1.0, top_k: int | None = None,
                cache: bool = True) -> Tensor:
-        """Code maps [n, h, w] drawn one code at a time from the start tokens [n], with `uniforms` [n, h·w] in [0, 1)
+        """Code maps [n, *maps.shape] drawn one code at a time from the start tokens [n], with `uniforms` [n, h·w] in [0, 1)
         as the randomness. With `cache` each step runs the new token only, against the stored keys and values;
         without, each step runs the whole prefix again (same codes, quadratic cost)."""
         n, length = len(starts), self.maps.length
@@ -147,4 +157,4 @@ class CodePrior(Trainable):
                     h = block(h, block_cache, position)
                 logits = self.head(self.norm(h))[:, 0]
             tokens[:, position + 1] = self._next_codes(logits, uniforms[:, position], temperature, top_k)
-        return tokens[:, 1:].reshape(n, self.maps.height, self.maps.width)
+        return tokens[:, 1:].reshape(n, *self.maps.shape)

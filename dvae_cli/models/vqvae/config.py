@@ -11,6 +11,7 @@ from dvae_cli.core.schema import KeyName, param
 
 MAX_CODES = 1 << 16
 MAX_FSQ_CHANNELS, MAX_FSQ_LEVELS = 16, 256
+MAX_RVQ_DEPTH = 64
 
 
 @dataclass(frozen=True)
@@ -20,12 +21,16 @@ class VQVAEConfig:
     hidden: int = param(32, help="channels of the convolutional trunk", ge=1, le=4096)
     res_blocks: int = param(1, help="residual blocks in encoder and decoder", ge=0, le=64)
     downsample: int = param(4, help="image side / code map side: 2, 4, 8, ... (a power of two)", ge=2, le=256)
-    quantizer: Literal["vq", "fsq"] = param("vq", help="vq (a learned codebook of num_codes vectors of code_dim) or "
-                                            "fsq (finite scalar quantization on the grid fsq_levels)")
-    num_codes: int = param(64, help="codebook size K (vq)", ge=2, le=MAX_CODES)
-    code_dim: int = param(16, help="code vector dimension D (vq)", ge=1, le=4096)
+    quantizer: Literal["vq", "fsq", "rvq"] = param(
+        "vq", help="vq (a learned codebook of num_codes vectors of code_dim), fsq (finite scalar quantization on the "
+                   "grid fsq_levels) or rvq (residual VQ: rvq_depth such codebooks in sequence)")
+    num_codes: int = param(64, help="codebook size K (vq; rvq: of each stage)", ge=2, le=MAX_CODES)
+    code_dim: int = param(16, help="code vector dimension D (vq, rvq)", ge=1, le=4096)
     fsq_levels: list[int] = param(factory=lambda: [8, 5, 5, 5], help="levels of each channel (fsq): K = their "
                                   "product, D = their count; the FSQ paper's [8, 5, 5, 5] makes K = 1,000")
+    rvq_depth: int = param(4, help="stages of residual VQ (rvq): each codes what the stages before it left, so a "
+                                   "code map holds rvq_depth codes a position and its first d stages are a coarser "
+                                   "code", ge=1, le=MAX_RVQ_DEPTH)
     beta: float = param(0.25, help="commitment weight β", ge=0)
     codebook_update: Literal["ema", "loss"] = param("ema", help="ema (online k-means) or loss (codebook term)")
     ema_decay: float = param(0.99, help="EMA decay γ, in (0, 1)", gt=0, lt=1)
@@ -38,13 +43,13 @@ class VQVAEConfig:
 
     @property
     def codebook_size(self) -> int:
-        """K, the codes of either quantizer."""
-        return self.num_codes if self.quantizer == "vq" else math.prod(self.fsq_levels)
+        """K, the values a code takes (an rvq stage's codebook size)."""
+        return math.prod(self.fsq_levels) if self.quantizer == "fsq" else self.num_codes
 
     @property
     def vector_dim(self) -> int:
         """The channels of the encoder output that the quantizer takes (D)."""
-        return self.code_dim if self.quantizer == "vq" else len(self.fsq_levels)
+        return len(self.fsq_levels) if self.quantizer == "fsq" else self.code_dim
 
     def validate(self, key: KeyName) -> None:
         if self.quantizer == "fsq":

@@ -16,6 +16,7 @@ from dvae_cli.models.base import DataShape, DiscreteVAE, LossOutput
 from dvae_cli.models.vqvae.config import VQVAEConfig
 from dvae_cli.models.vqvae.fsq import FiniteScalarQuantizer
 from dvae_cli.models.vqvae.quantizer import VectorQuantizer
+from dvae_cli.models.vqvae.rvq import ResidualVectorQuantizer
 
 # Both the training path and `decode_codes` hand the decoder this layout, so convolutions pick the same
 # kernels and evaluation-mode reconstructions match decode_codes(codes(x)) bit for bit.
@@ -85,12 +86,14 @@ def _check_shapes(config: VQVAEConfig, data: DataShape) -> None:
         )
 
 
-def build_quantizer(config: VQVAEConfig) -> VectorQuantizer | FiniteScalarQuantizer:
+def build_quantizer(config: VQVAEConfig) -> VectorQuantizer | FiniteScalarQuantizer | ResidualVectorQuantizer:
     if config.quantizer == "fsq":
         return FiniteScalarQuantizer(config.fsq_levels)
-    return VectorQuantizer(config.num_codes, config.code_dim, beta=config.beta, update=config.codebook_update,
-                           ema_decay=config.ema_decay, init=config.init,
-                           dead_code_threshold=config.dead_code_threshold)
+    options = dict(beta=config.beta, update=config.codebook_update, ema_decay=config.ema_decay, init=config.init,
+                   dead_code_threshold=config.dead_code_threshold)
+    if config.quantizer == "rvq":
+        return ResidualVectorQuantizer(config.rvq_depth, config.num_codes, config.code_dim, **options)
+    return VectorQuantizer(config.num_codes, config.code_dim, **options)
 
 
 class VQVAE(DiscreteVAE):
@@ -131,18 +134,20 @@ class VQVAE(DiscreteVAE):
 
     @torch.no_grad()
     def codes(self, x: Tensor) -> Tensor:
-        """Nearest-code index of every code-map position: images [N, C, H, W] -> int64 [N, h, w]."""
+        """Nearest-code index of every code-map position: images [N, C, H, W] -> int64 [N, h, w] (rvq: [N, depth, h, w],
+        each stage's code)."""
         return self.quantizer.codes(self.encoder(x))
 
     @torch.no_grad()
     def decode_codes(self, indices: Tensor) -> Tensor:
-        """Images in [0, 1] from code maps [N, h, w] (any integer dtype)."""
+        """Images in [0, 1] from code maps [N, h, w] (any integer dtype; rvq: [N, d, h, w], the first d ≤ depth
+        stages)."""
         code_vectors = self.quantizer.lookup(indices.to(self.quantizer.codebook.device))
         output = self.decoder(code_vectors.contiguous(memory_format=DECODER_INPUT_FORMAT))
         return self._to_image(output.float())
 
     def codebook(self) -> Tensor:
-        """A float32 copy of the codebook [K, D]."""
+        """A float32 copy of the codebook [K, D] (rvq: [depth, K, D])."""
         return self.quantizer.codebook.detach().to(torch.float32, copy=True)
 
     def encode(self, x: Tensor) -> dict[str, Tensor]:
@@ -174,10 +179,14 @@ class VQVAE(DiscreteVAE):
 
     def latent_attributes(self) -> dict[str, object]:
         side = self.data.image_size // self.config.downsample
-        attributes = {"latent_shape": [side, side], "num_codes": self.config.codebook_size,
+        depth = [self.config.rvq_depth] if self.config.quantizer == "rvq" else []
+        attributes = {"latent_shape": [*depth, side, side], "num_codes": self.config.codebook_size,
                       "code_dim": self.config.vector_dim}
-        if self.config.quantizer == "fsq":  # VQ codes files keep the attributes they have always had
+        # VQ codes files keep the attributes they have always had.
+        if self.config.quantizer == "fsq":
             attributes |= {"quantizer": "fsq", "fsq_levels": list(self.config.fsq_levels)}
+        if self.config.quantizer == "rvq":
+            attributes |= {"quantizer": "rvq", "rvq_depth": self.config.rvq_depth}
         return attributes
 
     def code_value_counts(self) -> dict[str, int | tuple[int, ...]]:

@@ -45,9 +45,14 @@ def code_palette(num_codes: int) -> Tensor:
     return torch.tensor(colors, dtype=torch.float32)
 
 
+def first_stage(codes: Tensor) -> Tensor:
+    """The code maps [N, h, w] of the first (coarsest) stage of residual codes [N, depth, h, w]; others as they are."""
+    return codes[:, 0] if codes.dim() == 4 else codes
+
+
 def measured_code_counts(model: VQVAE, images: Tensor) -> Tensor:
-    """int64 [K]: how many code-map positions of `images` each code holds."""
-    codes = np.concatenate([model.codes(batch).cpu().numpy() for batch in batches(images)])
+    """int64 [K]: how many code-map positions of `images` each code holds (rvq: each first-stage code)."""
+    codes = np.concatenate([first_stage(model.codes(batch)).cpu().numpy() for batch in batches(images)])
     return torch.from_numpy(code_counts(codes, model.config.codebook_size))
 
 
@@ -93,7 +98,7 @@ def render_vqvae(model: VQVAE, inputs: RenderInputs, advance: Advance) -> Render
 
     palette = code_palette(model.config.codebook_size)
     image_tiles = as_tiles(to_float(inputs.shown))
-    map_tiles = code_map_tiles(model.codes(to_float(inputs.shown)), palette, image_tiles.shape[-1])
+    map_tiles = code_map_tiles(first_stage(model.codes(to_float(inputs.shown))), palette, image_tiles.shape[-1])
     pairs = torch.stack([image_tiles, map_tiles], dim=1).flatten(0, 1)
     rendered.pictures["code_maps.png"] = grid_image(pairs, 2 * min(CODE_MAP_PAIRS_PER_ROW, inputs.shown.shape[0]))
     advance()
@@ -103,6 +108,8 @@ def render_vqvae(model: VQVAE, inputs: RenderInputs, advance: Advance) -> Render
                  if counts[code] > 0]
     side = inputs.shown.shape[-1] // model.config.downsample
     filled = torch.tensor(most_used).view(-1, 1, 1).expand(-1, side, side)
+    if model.config.quantizer == "rvq":  # each first-stage code alone
+        filled = filled.unsqueeze(1)
     rendered.pictures["codebook.png"] = codebook_picture(model.decode_codes(filled), most_used, counts)
     advance()
 
