@@ -207,6 +207,13 @@ def test_jointvae_metrics_end_to_end(encoded, tmp_path):
     for dim in range(4):
         assert latent["kl_z_per_dim"][str(dim)] == pytest.approx(loss.terms[f"kl_z_{dim}"].item(), rel=1e-5)
     assert latent["active_dims"] == sum(kl > 0.01 for kl in latent["kl_z_per_dim"].values())
+    # The split has fewer rows than the z sample takes: KL_z of all of them, split into I(x; z) ≤ log M and the rest.
+    z_sample = latent["z_sample"]
+    assert z_sample["sample_rows"] == len(x) and z_sample["kl_z"] == pytest.approx(latent["kl_z"], rel=1e-9)
+    # Estimates at one draw each: a posterior near the prior can come out a little below 0.
+    assert -0.05 < z_sample["mutual_information_z"] <= math.log(len(x))
+    assert z_sample["mutual_information_z"] + z_sample["marginal_kl_z"] == pytest.approx(latent["kl_z"])
+    assert z_sample["total_correlation_z"] > -0.05
     # Bernoulli likelihood: the clamped probabilities give the loss's BCE of the logits up to the clamp.
     assert elbo["reconstruction_nll"] == pytest.approx(loss.terms["recon"].item(), rel=1e-3)
     assert elbo["negative_elbo"] == pytest.approx(elbo["reconstruction_nll"] + latent["kl_z"] + latent["kl_c"])

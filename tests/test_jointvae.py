@@ -10,6 +10,9 @@ from dvae_cli.models.jointvae.model import (
     JointVAE,
     capacity,
     categorical_decomposition,
+    categorical_log_density,
+    continuous_decomposition,
+    gaussian_log_density,
     gumbel_softmax_sample,
     kl_categorical,
     kl_normal,
@@ -214,31 +217,63 @@ def test_capacity_on_mutual_information_and_the_marginal_penalty():
 
 
 def test_total_correlation_by_hand():
+    def tc(z, logvar):
+        return total_correlation(gaussian_log_density(z, z, logvar)).item()
+
     unit = torch.zeros(2, 2)
     # Two unit Gaussians at (0, 0) and (2, 2), z at their means: both coordinates move together.
     # Each point: log q(z) − Σ_d log q(z_d) = log((1 + e⁻⁴)/2) − 2 log((1 + e⁻²)/2); the 2π terms cancel.
     means = torch.tensor([[0.0, 0.0], [2.0, 2.0]])
     expected = math.log(2) + math.log1p(math.exp(-4)) - 2 * math.log1p(math.exp(-2))
-    assert total_correlation(means, means, unit).item() == pytest.approx(expected, abs=1e-6)
+    assert tc(means, unit) == pytest.approx(expected, abs=1e-6)
     # A grid of four: the batch mixture is the product of its two marginals, so TC is 0 at every point.
     grid = torch.tensor([[0.0, 0.0], [0.0, 2.0], [2.0, 0.0], [2.0, 2.0]])
-    assert total_correlation(grid, grid, torch.zeros(4, 2)).item() == pytest.approx(0.0, abs=1e-6)
+    assert tc(grid, torch.zeros(4, 2)) == pytest.approx(0.0, abs=1e-6)
     # One image, or one dimension: nothing to correlate.
-    assert total_correlation(means[:1], means[:1], unit[:1]).item() == pytest.approx(0.0, abs=1e-6)
-    assert total_correlation(means[:, :1], means[:, :1], unit[:, :1]).item() == pytest.approx(0.0, abs=1e-6)
+    assert tc(means[:1], unit[:1]) == pytest.approx(0.0, abs=1e-6)
+    assert tc(means[:, :1], unit[:, :1]) == pytest.approx(0.0, abs=1e-6)
+
+
+def test_total_correlation_of_z_and_c_by_hand():
+    # z one unit Gaussian at 0 or 2; c category 0 for the first image (q(c|x) = (0.8, 0.2)), 1 for the second
+    # (0.2, 0.8). Each point: log q(z, c) − log q(z) − log q(c)
+    # = log((0.8 + 0.2 e⁻²)/2) − log((1 + e⁻²)/2) − log(1/2).
+    z = torch.tensor([[0.0], [2.0]])
+    category = torch.eye(2)
+    logits = torch.tensor([[0.8, 0.2], [0.2, 0.8]]).log()
+    log_density = torch.cat([gaussian_log_density(z, z, torch.zeros(2, 1)), categorical_log_density(category, logits)],
+                            dim=2)
+    expected = math.log(0.8 + 0.2 * math.exp(-2)) - math.log1p(math.exp(-2)) + math.log(2)
+    assert total_correlation(log_density).item() == pytest.approx(expected, abs=1e-6)
+    # A category that says nothing about the image (both rows (0.5, 0.5)) correlates with nothing.
+    flat = torch.cat([gaussian_log_density(z, z, torch.zeros(2, 1)),
+                      categorical_log_density(category, torch.zeros(2, 2))], dim=2)
+    assert total_correlation(flat).item() == pytest.approx(0.0, abs=1e-6)
+
+
+def test_continuous_decomposition_by_hand():
+    # Unit Gaussians at (0, 0) and (2, 2), z at their means: log q(z_i|x_i) − log q(z_i) = −log((1 + e⁻⁴)/2) at
+    # each point; KL_z = ½ (0 + 8) / 2 = 2 nats, the rest of it marginal.
+    means = torch.tensor([[0.0, 0.0], [2.0, 2.0]])
+    kl, information, marginal = continuous_decomposition(means, means, torch.zeros(2, 2))
+    assert information.item() == pytest.approx(math.log(2) - math.log1p(math.exp(-4)), abs=1e-6)
+    assert (kl.item(), marginal.item()) == pytest.approx((2.0, 2.0 - information.item()), abs=1e-6)
+    # One image: nothing about x to carry, all of KL_z is marginal.
+    kl, information, marginal = continuous_decomposition(means[1:], means[1:], torch.zeros(1, 2))
+    assert (kl.item(), information.item(), marginal.item()) == pytest.approx((4.0, 0.0, 4.0), abs=1e-6)
 
 
 def test_tc_beta_adds_the_total_correlation():
-    torch.manual_seed(0)
-    model = make_model(tc_beta=4.0).eval()
-    output = model.loss(random_images(4), 30)
-    terms = output.terms
-    expected = (terms["recon"] + model.config.cont_capacity.gamma * (terms["kl_z"] - terms["capacity_z"]).abs()
-                + model.config.disc_capacity.gamma * (terms["kl_c"] - terms["capacity_c"]).abs()
-                + 4.0 * terms["total_correlation_z"])
-    torch.testing.assert_close(output.loss.detach(), expected)
-    assert "total_correlation_z" not in make_model().loss(random_images(4), 30).terms
+    def eq5(model, terms):
+        return (terms["recon"] + model.config.cont_capacity.gamma * (terms["kl_z"] - terms["capacity_z"]).abs()
+                + model.config.disc_capacity.gamma * (terms["kl_c"] - terms["capacity_c"]).abs())
 
+    torch.manual_seed(0)
+    for tc_of, name in (("z", "total_correlation_z"), ("z_and_c", "total_correlation_zc")):
+        model = make_model(tc_beta=4.0, tc_of=tc_of).eval()
+        output = model.loss(random_images(4), 30)
+        torch.testing.assert_close(output.loss.detach(), eq5(model, output.terms) + 4.0 * output.terms[name])
+    assert "total_correlation_z" not in make_model().loss(random_images(4), 30).terms
 
 
 def test_kl_terms_match_the_encoded_posterior():

@@ -42,6 +42,9 @@ class JointVAEConfig:
                                             "variable against its uniform prior", ge=0)
     tc_beta: float = param(0.0, help="extra weight β of TC(z) = KL(q(z) ‖ ∏_d q(z_d)), the total correlation of the "
                                      "continuous part (β-TCVAE), estimated on the batch", ge=0)
+    tc_of: Literal["z", "z_and_c"] = param(
+        "z", help="what TC covers: z (the continuous dimensions) or z_and_c (they and each discrete variable as one "
+                  "more dimension, so that c is pushed to carry what z does not)")
     lr: float = param(1.0e-3, help="Adam learning rate", gt=0)
     batch_size: int = param(64, help="global batch size", ge=1, le=1 << 16)
     epochs: int = param(6, help="passes over the train split", ge=1)

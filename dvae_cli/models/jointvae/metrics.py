@@ -11,7 +11,10 @@ import torch
 from dvae_cli.models.jointvae.model import (
     JointVAEConfig,
     categorical_decomposition,
+    continuous_decomposition,
+    gaussian_log_density,
     kl_normal,
+    total_correlation,
 )
 from dvae_cli.scoring.evaluation import (
     Evaluation,
@@ -19,11 +22,28 @@ from dvae_cli.scoring.evaluation import (
     Sections,
     cluster_section,
     factor_metrics,
+    seeded_generators,
 )
 from dvae_cli.scoring.metrics import factor_nmi
 
 ACTIVE_KL_THRESHOLD = 0.01
 """A continuous dimension whose KL (nats, averaged over images) exceeds this counts as active."""
+Z_SAMPLE_ROWS = 1024
+"""I(x; z), KL(q(z) ‖ p(z)) and TC(z) are estimated on a seeded sample of at most this many rows (an M × M product;
+the I(x; z) estimate is at most log M = 6.9 nats)."""
+
+
+def continuous_section(mean: np.ndarray, logvar: np.ndarray, seed: int) -> dict[str, float]:
+    """KL_z of a seeded sample of rows split into I(x; z) + KL(q(z) ‖ p(z)), q(z) the sample's mixture, and its TC(z)
+    (the β-TCVAE estimate), at one draw of each q(z|x)."""
+    rng = seeded_generators(seed, 4)[3]  # children 0–2 draw the factor metrics' samples
+    rows = np.sort(rng.choice(len(mean), size=min(len(mean), Z_SAMPLE_ROWS), replace=False))
+    mean_t, logvar_t = torch.from_numpy(mean[rows]).double(), torch.from_numpy(logvar[rows]).double()
+    z = mean_t + torch.exp(0.5 * logvar_t) * torch.from_numpy(rng.standard_normal(mean_t.shape))
+    kl, information, marginal = continuous_decomposition(z, mean_t, logvar_t)
+    return {"sample_rows": len(rows), "kl_z": kl.item(), "mutual_information_z": information.item(),
+            "marginal_kl_z": marginal.item(),
+            "total_correlation_z": total_correlation(gaussian_log_density(z, mean_t, logvar_t)).item()}
 
 
 def gaussian_nll_per_image(totals: ReconstructionTotals) -> float:
@@ -37,7 +57,8 @@ def factor_representation(continuous_mean: np.ndarray, discrete: np.ndarray) -> 
 
 
 def jointvae_metrics(run: Evaluation) -> Sections:
-    """KL terms (KL_c also split into I(x; c) and KL(q(c) ‖ p(c))), negative ELBO, clustering of each discrete
+    """KL terms (KL_c also split into I(x; c) and KL(q(c) ‖ p(c)), KL_z of a sample into I(x; z) and KL(q(z) ‖ p(z))
+    beside its TC(z): `continuous_section`), negative ELBO, clustering of each discrete
     variable against the labels, its NMI with each factor ("discrete_factors"), factor metrics.
 
     The negative ELBO is evaluated at the posterior mean and the most likely categories (the evaluation-mode
@@ -73,7 +94,8 @@ def jointvae_metrics(run: Evaluation) -> Sections:
                    "marginal_kl_c": sum(marginal for _, _, marginal in decompositions),
                    "mutual_information_c_per_variable": {str(j): information
                                                          for j, (_, information, _) in enumerate(decompositions)},
-                   "active_dims": int((kl_per_dim > ACTIVE_KL_THRESHOLD).sum())},
+                   "active_dims": int((kl_per_dim > ACTIVE_KL_THRESHOLD).sum()),
+                   **({"z_sample": continuous_section(mean, logvar, run.seed)} if mean.shape[1] and len(mean) else {})},
         "elbo": {"negative_elbo": negative_elbo, "reconstruction_nll": recon_nll,
                  "bits_per_dim": negative_elbo / (totals.pixels_per_image * math.log(2))},
     }

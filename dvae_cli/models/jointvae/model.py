@@ -63,16 +63,39 @@ def categorical_decomposition(probs: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     return kl, kl - marginal_kl, marginal_kl
 
 
-def total_correlation(z: Tensor, mean: Tensor, logvar: Tensor) -> Tensor:
-    """TC(z) = E_q(z) [log q(z) − Σ_d log q(z_d)] (β-TCVAE, Chen et al. 2018, eq. 2), q(z) = 1/M Σ_j q(z|x_j) the batch.
+def gaussian_log_density(z: Tensor, mean: Tensor, logvar: Tensor) -> Tensor:
+    """log N(z_id; μ_jd, σ²_jd) for every pair of rows (i, j) of a batch: [M, d] -> [M, M, d]."""
+    return -0.5 * (math.log(2 * math.pi) + logvar.unsqueeze(0)
+                   + (z.unsqueeze(1) - mean.unsqueeze(0)).pow(2) / logvar.exp().unsqueeze(0))
 
-    `z` [M, d] holds one sample of each q(z|x_i); q(z_i) and each q(z_id) are the batch mixtures at that sample
-    (the minibatch estimate of the β-TCVAE paper with the batch as the data set). A scalar; 0 for M = 1 or d ≤ 1.
+
+def categorical_log_density(category: Tensor, logits: Tensor) -> Tensor:
+    """Σ_k c_ik log q(k|x_j) for every pair (i, j), c_i one-hot or relaxed: [M, k] -> [M, M, 1]."""
+    return (category @ F.log_softmax(logits, dim=1).T).unsqueeze(2)
+
+
+def continuous_decomposition(z: Tensor, mean: Tensor, logvar: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """E_x KL(q(z|x) ‖ p(z)) = I(x; z) + KL(q(z) ‖ p(z)) over a batch [M, d], q(z) = 1/M Σ_j q(z|x_j) the batch
+    mixture, estimated at one sample z_i of each q(z|x_i) (`z`).
+
+    Returns (KL_z, I(x; z), KL(q(z) ‖ p(z))), each a scalar; the estimate of I(x; z) is at most log M.
     """
-    # log N(z_i,d; μ_j,d, σ²_j,d) for every pair (i, j): [M, M, d].
-    log_density = -0.5 * (math.log(2 * math.pi) + logvar.unsqueeze(0)
-                          + (z.unsqueeze(1) - mean.unsqueeze(0)).pow(2) / logvar.exp().unsqueeze(0))
-    log_batch = math.log(z.shape[0])
+    log_density = gaussian_log_density(z, mean, logvar).sum(2)
+    log_mixture = torch.logsumexp(log_density, dim=1) - math.log(z.shape[0])
+    information = (log_density.diagonal() - log_mixture).mean()
+    kl = kl_normal(mean, logvar).sum()
+    return kl, information, kl - information
+
+
+def total_correlation(log_density: Tensor) -> Tensor:
+    """TC = E_q [log q(l) − Σ_d log q(l_d)] (β-TCVAE, Chen et al. 2018, eq. 2), q(l) = 1/M Σ_j q(l|x_j) the batch.
+
+    `log_density[i, j, d]` is log q(l_id | x_j) of one sample l_i of each q(l|x_i) and each latent dimension d
+    (`gaussian_log_density`, `categorical_log_density`); q(l_i) and each q(l_id) are the batch mixtures at that
+    sample (the minibatch estimate of the β-TCVAE paper with the batch as the data set). A scalar; 0 for M = 1 or
+    one dimension.
+    """
+    log_batch = math.log(log_density.shape[0])
     log_joint = torch.logsumexp(log_density.sum(2), dim=1) - log_batch
     log_marginals = (torch.logsumexp(log_density, dim=1) - log_batch).sum(1)
     return (log_joint - log_marginals).mean()
@@ -156,7 +179,8 @@ class JointVAE(DiscreteVAE):
 
         With `disc_capacity_of: mutual_information` the last term is γ_c |I(x; c) − C_c|; `marginal_gamma` λ adds
         λ KL(q(c) ‖ p(c)). Both are batch estimates (`categorical_decomposition`), summed over discrete variables.
-        `tc_beta` β adds β TC(z) (`total_correlation`, the β-TCVAE penalty on the continuous part).
+        `tc_beta` β adds β TC(z) (`total_correlation`, the β-TCVAE penalty on the continuous part), or with
+        `tc_of: z_and_c` β TC(z, c), each discrete variable one more dimension beside the continuous ones.
         """
         posterior = self._posterior(x)
         if self.training:
@@ -192,8 +216,13 @@ class JointVAE(DiscreteVAE):
             total = total + self.config.marginal_gamma * marginal_kl_c
         tc_terms = {}
         if self.config.tc_beta:
-            tc_terms["total_correlation_z"] = total_correlation(z, posterior.mean, posterior.logvar)
-            total = total + self.config.tc_beta * tc_terms["total_correlation_z"]
+            log_density = [gaussian_log_density(z, posterior.mean, posterior.logvar)]
+            if self.config.tc_of == "z_and_c":
+                log_density += [categorical_log_density(category, logits)
+                                for category, logits in zip(categories, posterior.logits)]
+            tc_name = f"total_correlation_{self.config.tc_of.replace('_and_', '')}"
+            tc_terms[tc_name] = total_correlation(torch.cat(log_density, dim=2))
+            total = total + self.config.tc_beta * tc_terms[tc_name]
 
         terms = {
             "recon": recon,
