@@ -27,6 +27,7 @@ LABELS = {
     "precision_speed": ["bf16 / fp32"],
     "prepare_dsprites": ["prepare-data", "peak memory"],
     "prior_speed": ["tokens/s", "key/value cache"],
+    "tokenizers": ["bits", "patch k-means", "margin", "classic methods"],
     "train_speed": ["speedup", "share of the ceiling"],
 }
 """What README quotes of each script's output. A new script fails until it has a --smoke mode and its labels here."""
