@@ -110,6 +110,46 @@ def palette_kmeans(
     ]
 
 
+@dataclass(frozen=True)
+class PatchCodebook:
+    """K codewords of p×p patches learned by k-means (scikit-learn): index maps of images and images of index maps."""
+
+    model: KMeans
+    patch: int
+
+    @staticmethod
+    def fit(samples: np.ndarray, size: int, patch: int, seed: int) -> PatchCodebook:
+        """k-means with `size` clusters over float32 patch vectors `samples` [n, C·p·p]."""
+        # scikit-learn adds the per-thread partial sums of Lloyd's update in the order the threads finish; with at
+        # most two threads that order cannot change the float result, with more it can.
+        with threadpool_limits(limits=2, user_api="openmp"):
+            return PatchCodebook(KMeans(n_clusters=size, n_init=1, random_state=seed).fit(samples), patch)
+
+    def codes(self, images: np.ndarray) -> np.ndarray:
+        """Each patch's nearest codeword: uint8 images [N, C, H, W] → int64 index maps [N, H/p, W/p]."""
+        n, _, h, w = images.shape
+        with threadpool_limits(limits=2, user_api="openmp"):
+            codes = self.model.predict(_patches(images, self.patch).astype(np.float32))
+        return codes.astype(np.int64).reshape(n, h // self.patch, w // self.patch)
+
+    def decode(self, codes: np.ndarray, channels: int) -> np.ndarray:
+        """Index maps [N, h, w] → uint8 images [N, C, h·p, w·p] of the codewords rounded to 8-bit values."""
+        codebook = np.clip(np.rint(self.model.cluster_centers_), 0, 255).astype(np.uint8)
+        n, h, w = codes.shape
+        return _unpatch(codebook[codes.reshape(-1)], n, channels, h * self.patch, w * self.patch, self.patch)
+
+
+def patch_samples(train: np.ndarray, patch: int = 4, seed: int = 0, max_train_patches: int = 50_000) -> np.ndarray:
+    """The training patches k-means learns from: at most max_train_patches of the train images', sampled with `seed`
+    (uint8 [n, C·p·p])."""
+    if max_train_patches < 1:
+        raise ValueError(f"max_train_patches must be at least 1, got {max_train_patches}")
+    samples = _patches(train, patch)
+    if len(samples) > max_train_patches:
+        samples = samples[np.sort(np.random.default_rng(seed).choice(len(samples), max_train_patches, replace=False))]
+    return samples
+
+
 def patch_kmeans(
     train: np.ndarray,
     test: np.ndarray,
@@ -132,24 +172,14 @@ def patch_kmeans(
         raise ValueError(f"train has {train.shape[1]} channels but test has {test.shape[1]}")
     if min(sizes, default=1) < 1:
         raise ValueError(f"codebook sizes must be at least 1, got {tuple(sizes)}")
-    if max_train_patches < 1:
-        raise ValueError(f"max_train_patches must be at least 1, got {max_train_patches}")
-    samples = _patches(train, patch)
-    if len(samples) > max_train_patches:
-        samples = samples[np.sort(np.random.default_rng(seed).choice(len(samples), max_train_patches, replace=False))]
+    samples = patch_samples(train, patch, seed, max_train_patches)
     distinct = len(np.unique(samples, axis=0))
     samples = samples.astype(np.float32)
-    queries = _patches(test, patch).astype(np.float32)
     n, c, h, w = test.shape
     points = []
     for size in dict.fromkeys(min(size, distinct) for size in sizes):
-        # scikit-learn adds the per-thread partial sums of Lloyd's update in the order the threads finish; with at
-        # most two threads that order cannot change the float result, with more it can.
-        with threadpool_limits(limits=2, user_api="openmp"):
-            model = KMeans(n_clusters=size, n_init=1, random_state=seed).fit(samples)
-            codes = model.predict(queries)
-        codebook = np.clip(np.rint(model.cluster_centers_), 0, 255).astype(np.uint8)
-        decoded = _unpatch(codebook[codes], n, c, h, w, patch)
+        codebook = PatchCodebook.fit(samples, size, patch, seed)
+        decoded = codebook.decode(codebook.codes(test), c)
         bits = (h // patch) * (w // patch) * math.log2(size)
         points.append(RatePoint(f"kmeans-patch{patch}x{patch}", f"K={size}", bits, psnr_of(test, decoded)))
     return points

@@ -220,7 +220,7 @@ class JointVAE(DiscreteVAE):
             if self.config.tc_of == "z_and_c":
                 log_density += [categorical_log_density(category, logits)
                                 for category, logits in zip(categories, posterior.logits)]
-            tc_name = f"total_correlation_{self.config.tc_of.replace('_and_', '')}"
+            tc_name = "total_correlation_z" if self.config.tc_of == "z" else "total_correlation_zc"
             tc_terms[tc_name] = total_correlation(torch.cat(log_density, dim=2))
             total = total + self.config.tc_beta * tc_terms[tc_name]
 

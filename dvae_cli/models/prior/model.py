@@ -141,8 +141,8 @@ class CodePrior(Trainable):
     @torch.no_grad()
     def sample(self, starts: Tensor, uniforms: Tensor, temperature: float = 1.0, top_k: int | None = None,
                cache: bool = True) -> Tensor:
-        """Code maps [n, *maps.shape] drawn one code at a time from the start tokens [n], with `uniforms` [n, h·w] in [0, 1)
-        as the randomness. With `cache` each step runs the new token only, against the stored keys and values;
+        """Code maps [n, *maps.shape] drawn one code at a time from the start tokens [n], with `uniforms` [n, length]
+        in [0, 1) as the randomness. With `cache` each step runs the new token only, against the stored keys and values;
         without, each step runs the whole prefix again (same codes, quadratic cost)."""
         n, length = len(starts), self.maps.length
         tokens = torch.empty(n, length + 1, dtype=torch.long, device=starts.device)

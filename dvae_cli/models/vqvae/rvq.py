@@ -78,7 +78,4 @@ class ResidualVectorQuantizer(nn.Module):
     @staticmethod
     def _summed(code_vectors: list[Tensor]) -> Tensor:
         """Σ_s e_s in stage order (the one sum both the training path and `lookup` take, so they agree bit for bit)."""
-        total = code_vectors[0]
-        for vectors in code_vectors[1:]:
-            total = total + vectors
-        return total
+        return sum(code_vectors[1:], code_vectors[0])
